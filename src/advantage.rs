@@ -1,0 +1,730 @@
+//! Advantage estimators: pure functions from one rollout batch's rewards (plus, for P-GRPO,
+//! the reward history as it stands) to one advantage per row.
+//!
+//! A batch has `N` rows. Row `i` is one completion with reward `rewards[i]`, generated for
+//! prompt `prompt_ids[i]`, whose preference group is `group_keys[group_ids[i]]`. Rows of one
+//! prompt need not be contiguous. Writing `μ_q, σ_q` for the mean and standard deviation of
+//! the rewards of prompt `q` in this batch, `μ_B, σ_B` for the whole batch and `μ_p, σ_p` for
+//! the reward history of preference group `p`:
+//!
+//! | [`Estimator`] | advantage of row `i` | source |
+//! |---|---|---|
+//! | `Grpo` | `(R_i − μ_q) / (σ_q + eps)` | DeepSeekMath (Shao et al. 2024) |
+//! | `GrpoBatchStd` | `(R_i − μ_q) / (σ_B + eps)` | TRL `scale_rewards="batch"` |
+//! | `DrGrpo` | `R_i − μ_q` | Dr. GRPO (Liu et al. 2025) |
+//! | `BatchZScore` | `(R_i − μ_B) / (σ_B + eps)` | REINFORCE++-style global normalisation |
+//! | `Rloo` | `R_i − mean_{j≠i, j∈q} R_j` | RLOO (Ahmadian et al. 2024) |
+//! | `PGrpo` | `(R_i − μ_p) / (σ_p + eps)` | P-GRPO (arXiv:2603.10009) |
+//!
+//! Every `σ` is first raised to `std_floor`. P-GRPO's options (update order, cold start,
+//! offset weight) are in [`PGrpoOptions`]. The computation never mutates the history: it
+//! returns, with the advantages, the batch's per-group statistics ([`BatchDeltas`]) that
+//! [`RewardHistory::apply`] folds in afterwards. [`AdvantageConfig::compute_and_update`] does both.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{bail_config, Error, Result};
+use crate::history::{GroupDelta, HistoryKind, RunningMoments, Variance};
+use crate::{GroupKey, RewardHistory};
+
+/// Which statistics normalise a reward. See the [module docs](self) for the formulas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// Per-prompt z-score (GRPO).
+    Grpo,
+    /// Per-prompt mean, whole-batch std (TRL `scale_rewards="batch"`).
+    GrpoBatchStd,
+    /// Per-prompt mean, no std scaling (Dr. GRPO).
+    DrGrpo,
+    /// Whole-batch z-score.
+    BatchZScore,
+    /// Leave-one-out baseline (RLOO), no std scaling.
+    Rloo,
+    /// Per-preference-group history z-score (P-GRPO). Default.
+    #[default]
+    PGrpo,
+}
+
+impl Estimator {
+    /// Every estimator, in table order.
+    pub const ALL: [Estimator; 6] = [
+        Estimator::Grpo,
+        Estimator::GrpoBatchStd,
+        Estimator::DrGrpo,
+        Estimator::BatchZScore,
+        Estimator::Rloo,
+        Estimator::PGrpo,
+    ];
+
+    /// The snake_case name used in configs and metrics (`"grpo"`, `"p_grpo"`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Estimator::Grpo => "grpo",
+            Estimator::GrpoBatchStd => "grpo_batch_std",
+            Estimator::DrGrpo => "dr_grpo",
+            Estimator::BatchZScore => "batch_z_score",
+            Estimator::Rloo => "rloo",
+            Estimator::PGrpo => "p_grpo",
+        }
+    }
+}
+
+impl std::str::FromStr for Estimator {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Estimator::ALL
+            .into_iter()
+            .find(|e| e.name() == s || e.name().replace('_', "-") == s)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "estimator",
+                reason: format!(
+                    "unknown estimator {s:?}; expected one of {}",
+                    Estimator::ALL.map(|e| e.name()).join(", ")
+                ),
+            })
+    }
+}
+
+/// When P-GRPO folds the batch into the history relative to normalising with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOrder {
+    /// Normalise with the history as it stood before this batch, then fold the batch in.
+    /// Default: a reward is never compared with statistics that already contain it, so the
+    /// advantage of a lone outlier is not shrunk by itself, and the data-parallel merge of
+    /// per-rank batches happens after every rank has its advantages.
+    #[default]
+    BeforeBatch,
+    /// Fold the batch in first, then normalise (the batch is part of its own baseline).
+    AfterBatch,
+}
+
+/// What P-GRPO uses for a group whose history is too short (`n < min_count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ColdStart {
+    /// The row's prompt statistics, as GRPO would. Default.
+    #[default]
+    PerPrompt,
+    /// The whole batch's statistics.
+    Batch,
+    /// The group's history including this batch's rewards of the group.
+    HistoryWithBatch,
+}
+
+/// What to do with a NaN or infinite reward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Fail with [`Error::NonFiniteReward`] naming the row. Default.
+    #[default]
+    Error,
+    /// Treat the reward as missing: advantage 0, left out of every statistic (TRL's behaviour).
+    Missing,
+}
+
+/// P-GRPO's choices the paper leaves open.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PGrpoOptions {
+    /// Normalise before or after folding the batch into the history. Default
+    /// [`UpdateOrder::BeforeBatch`].
+    pub update_order: UpdateOrder,
+    /// A group's history is used once it holds at least this many rewards (and a defined
+    /// std); before that [`cold_start`](Self::cold_start) applies. Default 8 (our choice; the
+    /// paper does not say).
+    pub min_count: u64,
+    /// The fallback while a group's history is too short. Default [`ColdStart::PerPrompt`].
+    pub cold_start: ColdStart,
+    /// Weight `λ ∈ [0, 1]` of the offset term `(μ_q − μ_p)/σ_p` in the identity
+    /// `A = (σ_q/σ_p)·Â + λ(μ_q − μ_p)/σ_p`, i.e. the advantage is
+    /// `(R_i − ((1−λ)μ_q + λμ_p)) / σ_p`. `1` (default) is the paper's P-GRPO; `0` centres on
+    /// the prompt mean and scales by the group's history std. Beyond the paper.
+    pub offset_weight: f32,
+}
+
+impl Default for PGrpoOptions {
+    fn default() -> Self {
+        Self {
+            update_order: UpdateOrder::BeforeBatch,
+            min_count: 8,
+            cold_start: ColdStart::PerPrompt,
+            offset_weight: 1.0,
+        }
+    }
+}
+
+/// Configuration of the advantage computation.
+///
+/// ```
+/// use pgrpo::{AdvantageConfig, Estimator};
+/// let cfg = AdvantageConfig { estimator: Estimator::Grpo, ..Default::default() };
+/// cfg.validate()?;
+/// # Ok::<(), pgrpo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdvantageConfig {
+    /// Which statistics normalise the reward. Default [`Estimator::PGrpo`].
+    pub estimator: Estimator,
+    /// Added to every std in a denominator. Default `1e-4` (TRL's constant).
+    pub eps: f32,
+    /// Every std is raised to at least this before `eps` is added. Default `0`.
+    pub std_floor: f32,
+    /// Population or sample std. Default [`Variance::Sample`] (`torch.std`, as TRL).
+    pub variance: Variance,
+    /// NaN/inf rewards: error (default) or missing.
+    pub non_finite: NonFinitePolicy,
+    /// P-GRPO's options (ignored by the other estimators).
+    pub pgrpo: PGrpoOptions,
+}
+
+impl Default for AdvantageConfig {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::PGrpo,
+            eps: 1e-4,
+            std_floor: 0.0,
+            variance: Variance::Sample,
+            non_finite: NonFinitePolicy::Error,
+            pgrpo: PGrpoOptions::default(),
+        }
+    }
+}
+
+/// One rollout batch's rewards and row labels (borrowed).
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutRewards<'a> {
+    /// `(N,)` rewards.
+    pub rewards: &'a [f32],
+    /// `(N,)` prompt of each row: any `u32` id; rows with the same id share a prompt.
+    pub prompt_ids: &'a [u32],
+    /// `(N,)` preference group of each row, an index into `group_keys`.
+    pub group_ids: &'a [u32],
+    /// The group labels; `group_ids` index into this.
+    pub group_keys: &'a [GroupKey],
+}
+
+/// Statistics of one preference group in one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupDiagnostics {
+    /// Rows of this group with a usable (finite) reward.
+    pub count: usize,
+    /// Their mean reward (`NaN` when `count == 0`).
+    pub reward_mean: f64,
+    /// Their mean advantage (`NaN` when `count == 0`).
+    pub advantage_mean: f64,
+    /// P-GRPO only: whether the group's history was used (`false`: the cold-start fallback).
+    pub used_history: bool,
+    /// P-GRPO only: the history mean and std used (`NaN` when the fallback was used).
+    pub history_mean: f64,
+    /// See `history_mean`.
+    pub history_std: f64,
+}
+
+/// Batch-level diagnostics of an advantage computation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdvantageDiagnostics {
+    /// Per preference group, index-aligned with `group_keys`.
+    pub groups: Vec<GroupDiagnostics>,
+    /// Number of distinct prompts.
+    pub num_prompts: usize,
+    /// Fraction of prompts whose usable rewards are all equal (TRL's `frac_reward_zero_std`).
+    pub frac_reward_zero_std: f64,
+    /// Rows whose reward was non-finite and treated as missing.
+    pub num_missing: usize,
+    /// Prompts left without contrast by missing rewards (fewer than 2 usable rows under an
+    /// estimator that needs a per-prompt spread); their rows got advantage 0.
+    pub num_degenerate_prompts: usize,
+    /// Mean of the usable rewards.
+    pub reward_mean: f64,
+    /// Sample std of the usable rewards.
+    pub reward_std: f64,
+}
+
+/// The batch's per-group reward statistics, ready to be folded into a [`RewardHistory`] with
+/// [`RewardHistory::apply`]. Index-aligned with the batch's `group_keys`.
+#[derive(Debug, Clone)]
+pub struct BatchDeltas {
+    pub(crate) kind: HistoryKind,
+    pub(crate) deltas: Vec<GroupDelta>,
+}
+
+/// Output of [`AdvantageConfig::compute`].
+#[derive(Debug, Clone)]
+pub struct Advantages {
+    /// `(N,)` one advantage per row.
+    pub values: Vec<f32>,
+    /// What the batch looked like.
+    pub diagnostics: AdvantageDiagnostics,
+    /// The batch's per-group statistics, to fold into the history.
+    pub deltas: BatchDeltas,
+}
+
+impl RewardHistory {
+    /// Folds a batch's per-group statistics (from [`AdvantageConfig::compute`]) into the store.
+    /// `keys` must be the `group_keys` of that batch.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] if `keys` does not match, [`Error::InvalidHistory`] if the
+    /// deltas were computed for another history kind.
+    pub fn apply(&mut self, keys: &[GroupKey], deltas: BatchDeltas) -> Result<()> {
+        if keys.len() != deltas.deltas.len() {
+            return Err(Error::LengthMismatch {
+                what: "group_keys",
+                got: keys.len(),
+                against: "batch deltas",
+                expected: deltas.deltas.len(),
+            });
+        }
+        if deltas.kind != self.kind() {
+            return Err(Error::InvalidHistory(format!(
+                "batch statistics were computed for a {:?} history, this one is {:?}",
+                deltas.kind,
+                self.kind()
+            )));
+        }
+        self.fold_deltas(keys, deltas.deltas);
+        Ok(())
+    }
+}
+
+impl AdvantageConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            bail_config!("eps", "must be finite and >= 0, got {}", self.eps);
+        }
+        if !(self.std_floor.is_finite() && self.std_floor >= 0.0) {
+            bail_config!(
+                "std_floor",
+                "must be finite and >= 0, got {}",
+                self.std_floor
+            );
+        }
+        if self.estimator == Estimator::PGrpo && self.eps == 0.0 && self.std_floor == 0.0 {
+            bail_config!(
+                "eps",
+                "P-GRPO divides by a history std that can be 0: set eps > 0 or std_floor > 0"
+            );
+        }
+        let l = self.pgrpo.offset_weight;
+        if !(0.0..=1.0).contains(&l) {
+            bail_config!("pgrpo.offset_weight", "must be in [0, 1], got {l}");
+        }
+        Ok(())
+    }
+
+    /// Advantages of one batch. Pure: `history` is read, not changed; fold the returned
+    /// [`Advantages::deltas`] in with [`RewardHistory::apply`].
+    ///
+    /// ```
+    /// use pgrpo::{AdvantageConfig, Estimator, GroupKey, RewardHistory, RolloutRewards};
+    /// let keys: Vec<GroupKey> = vec!["a".into()];
+    /// let batch = RolloutRewards {
+    ///     rewards: &[1.0, 0.0, 0.0, 0.0],
+    ///     prompt_ids: &[0, 0, 1, 1],
+    ///     group_ids: &[0, 0, 0, 0],
+    ///     group_keys: &keys,
+    /// };
+    /// let cfg = AdvantageConfig { estimator: Estimator::Grpo, eps: 0.0, ..Default::default() };
+    /// let adv = cfg.compute(&batch, &RewardHistory::default())?;
+    /// // prompt 0: mean 0.5, sample std 0.7071 → ±0.7071; prompt 1 has no spread → 0.
+    /// assert!((adv.values[0] - 0.7071).abs() < 1e-4 && adv.values[2] == 0.0);
+    /// assert_eq!(adv.diagnostics.frac_reward_zero_std, 0.5);
+    /// # Ok::<(), pgrpo::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`], [`Error::LengthMismatch`], [`Error::Empty`],
+    /// [`Error::IndexOutOfRange`] (a group id past `group_keys`),
+    /// [`Error::NonFiniteReward`] (under [`NonFinitePolicy::Error`]) and
+    /// [`Error::TooFewCompletions`] (a prompt with one completion under an estimator that
+    /// needs its spread).
+    pub fn compute(
+        &self,
+        batch: &RolloutRewards<'_>,
+        history: &RewardHistory,
+    ) -> Result<Advantages> {
+        self.validate()?;
+        let n = batch.rewards.len();
+        check_len("prompt_ids", batch.prompt_ids.len(), n)?;
+        check_len("group_ids", batch.group_ids.len(), n)?;
+        if n == 0 {
+            return Err(Error::Empty("rewards"));
+        }
+        let k = batch.group_keys.len();
+        // Validate group ids and rewards up front: no partial output on error.
+        let mut num_missing = 0usize;
+        for (row, (&g, &r)) in batch.group_ids.iter().zip(batch.rewards).enumerate() {
+            if g as usize >= k {
+                return Err(Error::IndexOutOfRange {
+                    what: "group_ids",
+                    row,
+                    value: g as usize,
+                    bound: k,
+                    of: "groups",
+                });
+            }
+            if !r.is_finite() {
+                match self.non_finite {
+                    NonFinitePolicy::Error => return Err(Error::NonFiniteReward { row, value: r }),
+                    NonFinitePolicy::Missing => num_missing += 1,
+                }
+            }
+        }
+        let (prompt_of_row, prompt_labels) = dense_prompt_ids(batch.prompt_ids);
+        let prompts = PromptStats::compute(batch.rewards, &prompt_of_row, prompt_labels.len());
+        let batch_m = batch_moments(batch.rewards);
+
+        let kind = history.kind();
+        let decay = kind.decay();
+        // Per-group statistics of this batch (also the delta folded into the history).
+        let mut deltas = vec![GroupDelta::default(); k];
+        for (&g, &r) in batch.group_ids.iter().zip(batch.rewards) {
+            if r.is_finite() {
+                deltas[g as usize].push(r, decay, kind);
+            }
+        }
+
+        let needs_prompt_spread = match self.estimator {
+            Estimator::Grpo | Estimator::Rloo => true,
+            Estimator::PGrpo => self.pgrpo.cold_start == ColdStart::PerPrompt,
+            _ => false,
+        };
+        let sd = |v: Option<f64>| v.unwrap_or(0.0).max(self.std_floor as f64) + self.eps as f64;
+        let batch_den = sd(batch_m.variance(self.variance).map(f64::sqrt));
+        if matches!(
+            self.estimator,
+            Estimator::BatchZScore | Estimator::GrpoBatchStd
+        ) && batch_m.count < 2
+            && self.variance == Variance::Sample
+        {
+            return Err(Error::TooFewCompletions {
+                prompt: batch.prompt_ids[0] as usize,
+                count: batch_m.count as usize,
+                estimator: self.estimator.name(),
+            });
+        }
+
+        // Per-group normalisers for P-GRPO: (centre weight on history mean, mean, 1/den).
+        let mut group_norm: Vec<Option<(f64, f64)>> = vec![None; k];
+        let mut used_history = vec![false; k];
+        if self.estimator == Estimator::PGrpo {
+            for (gi, key) in batch.group_keys.iter().enumerate() {
+                if deltas[gi].count == 0 {
+                    continue;
+                }
+                let hist = history.moments(key).unwrap_or_default();
+                let with_batch = || history.moments_with(key, &deltas[gi]);
+                let m = match self.pgrpo.update_order {
+                    UpdateOrder::BeforeBatch => hist,
+                    UpdateOrder::AfterBatch => with_batch(),
+                };
+                let usable =
+                    m.count >= self.pgrpo.min_count.max(1) && m.variance(self.variance).is_some();
+                if usable {
+                    used_history[gi] = true;
+                    group_norm[gi] = Some((m.mean, sd(m.variance(self.variance).map(f64::sqrt))));
+                } else if self.pgrpo.cold_start == ColdStart::HistoryWithBatch {
+                    let m = with_batch();
+                    group_norm[gi] = Some((m.mean, sd(m.variance(self.variance).map(f64::sqrt))));
+                }
+            }
+        }
+
+        // Prompts that need a spread and lack one.
+        let mut num_degenerate_prompts = 0usize;
+        let mut prompt_degenerate = vec![false; prompt_labels.len()];
+        if needs_prompt_spread {
+            for (q, &c) in prompts.count.iter().enumerate() {
+                if c >= 2 {
+                    continue;
+                }
+                // Under P-GRPO only prompts that actually fall back need the spread.
+                let falls_back = self.estimator != Estimator::PGrpo
+                    || (0..n).any(|i| {
+                        prompt_of_row[i] as usize == q
+                            && batch.rewards[i].is_finite()
+                            && group_norm[batch.group_ids[i] as usize].is_none()
+                    });
+                if !falls_back {
+                    continue;
+                }
+                if c == prompts.total[q] {
+                    // Nothing missing: the prompt simply has one completion.
+                    return Err(Error::TooFewCompletions {
+                        prompt: prompt_labels[q] as usize,
+                        count: c,
+                        estimator: self.estimator.name(),
+                    });
+                }
+                prompt_degenerate[q] = true;
+                num_degenerate_prompts += 1;
+            }
+        }
+
+        let lambda = self.pgrpo.offset_weight as f64;
+        let mut values = vec![0f32; n];
+        for i in 0..n {
+            let r = batch.rewards[i];
+            if !r.is_finite() {
+                continue;
+            }
+            let r = r as f64;
+            let q = prompt_of_row[i] as usize;
+            let mq = prompts.mean[q];
+            // Equal rewards give exactly 0, not the rounding error of their f64 mean.
+            let centred = if prompts.zero_spread[q] || prompt_degenerate[q] {
+                0.0
+            } else {
+                r - mq
+            };
+            let grpo = || {
+                if centred == 0.0 {
+                    0.0
+                } else {
+                    centred / sd(prompts.variance(q, self.variance).map(f64::sqrt))
+                }
+            };
+            let a = match self.estimator {
+                Estimator::Grpo => grpo(),
+                Estimator::GrpoBatchStd => centred / batch_den,
+                Estimator::DrGrpo => centred,
+                Estimator::BatchZScore => (r - batch_m.mean) / batch_den,
+                Estimator::Rloo => {
+                    let c = prompts.count[q] as f64;
+                    if c < 2.0 {
+                        0.0
+                    } else {
+                        centred * c / (c - 1.0)
+                    }
+                }
+                Estimator::PGrpo => match group_norm[batch.group_ids[i] as usize] {
+                    Some((mp, den)) => (r - ((1.0 - lambda) * mq + lambda * mp)) / den,
+                    None => match self.pgrpo.cold_start {
+                        ColdStart::PerPrompt => grpo(),
+                        ColdStart::Batch => (r - batch_m.mean) / batch_den,
+                        // Always has a normaliser (set above).
+                        ColdStart::HistoryWithBatch => 0.0,
+                    },
+                },
+            };
+            values[i] = a as f32;
+        }
+
+        // Diagnostics.
+        let mut gsum = vec![(0usize, 0f64, 0f64); k];
+        for i in 0..n {
+            if batch.rewards[i].is_finite() {
+                let e = &mut gsum[batch.group_ids[i] as usize];
+                e.0 += 1;
+                e.1 += batch.rewards[i] as f64;
+                e.2 += values[i] as f64;
+            }
+        }
+        let groups = gsum
+            .iter()
+            .enumerate()
+            .map(|(gi, &(c, rs, as_))| {
+                let (hm, hs) = match (used_history[gi], group_norm[gi]) {
+                    (true, Some((m, den))) => (m, den - self.eps as f64),
+                    _ => (f64::NAN, f64::NAN),
+                };
+                GroupDiagnostics {
+                    count: c,
+                    reward_mean: if c > 0 { rs / c as f64 } else { f64::NAN },
+                    advantage_mean: if c > 0 { as_ / c as f64 } else { f64::NAN },
+                    used_history: used_history[gi],
+                    history_mean: hm,
+                    history_std: hs,
+                }
+            })
+            .collect();
+        let zero = prompts.zero_spread.iter().filter(|&&z| z).count();
+        let diagnostics = AdvantageDiagnostics {
+            groups,
+            num_prompts: prompt_labels.len(),
+            frac_reward_zero_std: zero as f64 / prompt_labels.len() as f64,
+            num_missing,
+            num_degenerate_prompts,
+            reward_mean: if batch_m.count > 0 {
+                batch_m.mean
+            } else {
+                f64::NAN
+            },
+            reward_std: batch_m
+                .variance(Variance::Sample)
+                .map_or(f64::NAN, f64::sqrt),
+        };
+        Ok(Advantages {
+            values,
+            diagnostics,
+            deltas: BatchDeltas { kind, deltas },
+        })
+    }
+
+    /// [`compute`](Self::compute), then fold the batch into `history`. On error the history
+    /// is unchanged.
+    pub fn compute_and_update(
+        &self,
+        batch: &RolloutRewards<'_>,
+        history: &mut RewardHistory,
+    ) -> Result<Advantages> {
+        let mut adv = self.compute(batch, history)?;
+        let deltas = std::mem::replace(
+            &mut adv.deltas,
+            BatchDeltas {
+                kind: history.kind(),
+                deltas: Vec::new(),
+            },
+        );
+        history.apply(batch.group_keys, deltas)?;
+        Ok(adv)
+    }
+
+    /// [`compute`](Self::compute) on tensors: `rewards` `(N,)` (any float dtype),
+    /// `prompt_ids` and `group_ids` `(N,)` `u32`, on any device. Returns the `(N,)` `f32`
+    /// advantages on `rewards`' device.
+    pub fn compute_tensor(
+        &self,
+        rewards: &Tensor,
+        prompt_ids: &Tensor,
+        group_ids: &Tensor,
+        group_keys: &[GroupKey],
+        history: &RewardHistory,
+    ) -> Result<(Tensor, Advantages)> {
+        let r = rewards
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let p = prompt_ids.flatten_all()?.to_vec1::<u32>()?;
+        let g = group_ids.flatten_all()?.to_vec1::<u32>()?;
+        let adv = self.compute(
+            &RolloutRewards {
+                rewards: &r,
+                prompt_ids: &p,
+                group_ids: &g,
+                group_keys,
+            },
+            history,
+        )?;
+        let t = Tensor::from_slice(&adv.values, adv.values.len(), rewards.device())?;
+        Ok((t, adv))
+    }
+}
+
+fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::LengthMismatch {
+            what,
+            got,
+            against: "rewards",
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// Maps arbitrary prompt ids to `0..P` in order of first appearance.
+fn dense_prompt_ids(ids: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let max = ids.iter().copied().max().unwrap_or(0) as usize;
+    let mut labels = Vec::new();
+    let mut out = Vec::with_capacity(ids.len());
+    if max < 4 * ids.len() + 1024 {
+        let mut map = vec![u32::MAX; max + 1];
+        for &id in ids {
+            let slot = &mut map[id as usize];
+            if *slot == u32::MAX {
+                *slot = labels.len() as u32;
+                labels.push(id);
+            }
+            out.push(*slot);
+        }
+    } else {
+        let mut map = HashMap::new();
+        for &id in ids {
+            let d = *map.entry(id).or_insert_with(|| {
+                labels.push(id);
+                labels.len() as u32 - 1
+            });
+            out.push(d);
+        }
+    }
+    (out, labels)
+}
+
+fn batch_moments(rewards: &[f32]) -> RunningMoments {
+    let mut d = GroupDelta::default();
+    for &r in rewards {
+        if r.is_finite() {
+            d.push(r, 1.0, HistoryKind::Cumulative);
+        }
+    }
+    d.moments()
+}
+
+/// Per-prompt mean, M2, counts and zero-spread flags (two passes, `f64`).
+struct PromptStats {
+    count: Vec<usize>,
+    total: Vec<usize>,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    zero_spread: Vec<bool>,
+}
+
+impl PromptStats {
+    fn compute(rewards: &[f32], prompt_of_row: &[u32], p: usize) -> Self {
+        let mut count = vec![0usize; p];
+        let mut total = vec![0usize; p];
+        let mut sum = vec![0f64; p];
+        let mut lo = vec![f32::INFINITY; p];
+        let mut hi = vec![f32::NEG_INFINITY; p];
+        for (&r, &q) in rewards.iter().zip(prompt_of_row) {
+            let q = q as usize;
+            total[q] += 1;
+            if r.is_finite() {
+                count[q] += 1;
+                sum[q] += r as f64;
+                lo[q] = lo[q].min(r);
+                hi[q] = hi[q].max(r);
+            }
+        }
+        let mean: Vec<f64> = sum
+            .iter()
+            .zip(&count)
+            .map(|(s, &c)| if c > 0 { s / c as f64 } else { 0.0 })
+            .collect();
+        let mut m2 = vec![0f64; p];
+        for (&r, &q) in rewards.iter().zip(prompt_of_row) {
+            if r.is_finite() {
+                let d = r as f64 - mean[q as usize];
+                m2[q as usize] += d * d;
+            }
+        }
+        let zero_spread = lo.iter().zip(&hi).map(|(l, h)| l >= h).collect();
+        Self {
+            count,
+            total,
+            mean,
+            m2,
+            zero_spread,
+        }
+    }
+
+    fn variance(&self, q: usize, v: Variance) -> Option<f64> {
+        let c = self.count[q] as f64;
+        let den = match v {
+            Variance::Population => c,
+            Variance::Sample => c - 1.0,
+        };
+        (self.count[q] > 0 && den > 0.0).then(|| self.m2[q] / den)
+    }
+}

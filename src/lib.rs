@@ -1,0 +1,20 @@
+//! # pgrpo — Personalized Group Relative Policy Optimization on candle
+//!
+//! GRPO normalises each completion's reward against the other completions sampled for the same
+//! prompt. P-GRPO (arXiv:2603.10009) labels every prompt with a preference group and
+//! normalises against that group's reward history kept across training steps.
+
+pub mod advantage;
+mod error;
+mod group;
+pub mod history;
+pub mod policy;
+
+pub use advantage::{
+    AdvantageConfig, AdvantageDiagnostics, Advantages, BatchDeltas, ColdStart, Estimator,
+    GroupDiagnostics, NonFinitePolicy, PGrpoOptions, RolloutRewards, UpdateOrder,
+};
+pub use error::{Error, Result};
+pub use group::GroupKey;
+pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
+pub use policy::{Policy, TokenLogProbs};
