@@ -123,6 +123,18 @@ pub enum Error {
         supported: u32,
     },
 
+    /// The gradient norm was NaN or infinite; the update was skipped and the parameters are
+    /// unchanged.
+    ///
+    /// ```text
+    /// gradient norm is not finite (NaN); update skipped, parameters unchanged
+    /// ```
+    #[error("gradient norm is not finite ({norm}); update skipped, parameters unchanged")]
+    NonFiniteGradient {
+        /// The norm found.
+        norm: f64,
+    },
+
     /// A reward function failed.
     #[error("reward function failed: {0}")]
     Reward(String),
