@@ -8,6 +8,7 @@ pub mod advantage;
 mod error;
 mod group;
 pub mod history;
+pub mod objective;
 pub mod policy;
 
 pub use advantage::{
@@ -17,4 +18,8 @@ pub use advantage::{
 pub use error::{Error, Result};
 pub use group::GroupKey;
 pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
+pub use objective::{
+    clipped_objective, KlEstimator, LossAggregation, ObjectiveConfig, ObjectiveInputs,
+    ObjectiveMetrics, ObjectiveOutput, RatioLevel,
+};
 pub use policy::{Policy, TokenLogProbs};
