@@ -5,8 +5,8 @@
 //! (1 = completion token, 0 = padding); `N = Σ_i n_i`. Per token:
 //!
 //! ```text
-//! ratio_it   = exp(logp_it − old_logp_it)                                RatioLevel::Token
-//!            = exp(Σ_u m_iu (logp_iu − old_logp_iu) / max(n_i, 1))         RatioLevel::Sequence (GSPO)
+//! ratio_it   = exp(logp_it − old_logp_it)                         RatioLevel::Token
+//!            = exp(Σ_u m_iu (logp_iu − old_logp_iu) / max(n_i, 1))  RatioLevel::Sequence (GSPO)
 //! clipped_it = clip(ratio_it, 1 − eps_low, 1 + eps_high)
 //! surr1_it   = ratio_it · A_i
 //! surr2_it   = clipped_it · A_i
@@ -24,7 +24,7 @@
 //! |---|---|---|
 //! | `Grpo` | `1/B Σ_i (Σ_t m_it loss_it) / max(n_i, 1)` | DeepSeekMath (Shao et al. 2024) |
 //! | `Bnpo` (`"dapo"`) | `Σ_it m_it loss_it / N` | DAPO (Yu et al. 2025) |
-//! | `DrGrpo` | `Σ_it m_it loss_it / (B · L)`, `L` = `max_completion_len` or `T` | Dr. GRPO (Liu et al. 2025) |
+//! | `DrGrpo` | `Σ_it m_it loss_it / (B · L)`, `L = max_completion_len` or `T` | Dr. GRPO (Liu et al. 2025) |
 //!
 //! With `eps_high > eps_low` the clip is DAPO's "clip-higher"; `dual_clip` is dual-clip PPO
 //! (Ye et al. 2020); the KL estimators are Schulman's k1/k2/k3 ("Approximating KL
@@ -47,6 +47,8 @@
 //! - `old_logp`, `ref_logp`, `mask` and `advantages` are **detached** here: gradients flow only
 //!   into `logp`, even when `old_logp` is `logp` itself (the first of `num_iterations` steps).
 //!   All inputs are converted to `logp`'s dtype.
+//! - `k3` (and `approx_kl`, which is k3 of the token log-ratio) switch to their Taylor series
+//!   for `|d| < 0.1`: `exp(d) − d − 1` cancels in f32 and turns negative (`−6e-8`) for tiny `d`.
 //! - `approx_kl` always uses the **token** ratio, also with [`RatioLevel::Sequence`]; the clip
 //!   fractions use the ratio that was clipped.
 //! - `Bnpo` normalises by the tokens of the tensors passed in. TRL's `"dapo"` normalises by the
@@ -103,7 +105,11 @@ pub enum KlEstimator {
 }
 
 macro_rules! named_enum {
-    ($ty:ident, $field:literal, [$($variant:ident => $name:literal),+ $(,)?] $(, alias $alias:literal => $target:ident)?) => {
+    (
+        $ty:ident, $field:literal,
+        [$($variant:ident => $name:literal),+ $(,)?]
+        $(, alias $alias:literal => $target:ident)?
+    ) => {
         impl $ty {
             /// Every variant, in declaration order.
             pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$variant),+];
@@ -158,9 +164,27 @@ impl KlEstimator {
         Ok(match self {
             KlEstimator::K1 => d.neg()?,
             KlEstimator::K2 => (d.sqr()? * 0.5)?,
-            KlEstimator::K3 => ((d.exp()? - d)? - 1.0)?,
+            KlEstimator::K3 => exp_minus_one_minus(d)?,
         })
     }
+}
+
+/// `exp(x) − x − 1`, accurate and `≥ 0` in low precision.
+///
+/// For small `|x|` the direct formula cancels: in f32 it returns values like `−6e-8` at
+/// `x ≈ 3e-8` and is off by ~10% at `|x| ≈ 1e-3`, which is where a policy close to its
+/// reference lives. Below `|x| < 0.1` the Taylor series
+/// `x²/2 · (1 + x/3 · (1 + x/4 · (1 + x/5 · (1 + x/6))))` is used instead (truncation error
+/// below 1e-8 relative); both branches are differentiable.
+fn exp_minus_one_minus(x: &Tensor) -> Result<Tensor> {
+    let direct = ((x.exp()? - x)? - 1.0)?;
+    let mut series = ((x / 6.0)? + 1.0)?;
+    for k in [5.0, 4.0, 3.0] {
+        series = ((x / k)?.mul(&series)? + 1.0)?;
+    }
+    let series = (x.sqr()? * 0.5)?.mul(&series)?;
+    let small = x.detach().abs()?.lt(0.1)?;
+    Ok(small.where_cond(&series, &direct)?)
 }
 
 /// Hyper-parameters of [`clipped_objective`]. Fields are public; build with
@@ -170,7 +194,11 @@ impl KlEstimator {
 /// ```
 /// use pgrpo::{LossAggregation, ObjectiveConfig};
 /// // DAPO: clip-higher and token-level aggregation, no KL term.
-/// let cfg = ObjectiveConfig { eps_high: 0.28, aggregation: LossAggregation::Bnpo, ..Default::default() };
+/// let cfg = ObjectiveConfig {
+///     eps_high: 0.28,
+///     aggregation: LossAggregation::Bnpo,
+///     ..Default::default()
+/// };
 /// cfg.validate()?;
 /// assert!(!cfg.needs_reference());
 /// # Ok::<(), pgrpo::Error>(())
@@ -322,7 +350,13 @@ pub struct ObjectiveOutput {
 /// let old_logp = Tensor::new(&[[-1.0f32, -1.0]], &dev)?;
 /// let mask = Tensor::new(&[[1.0f32, 1.0]], &dev)?;
 /// let advantages = Tensor::new(&[1.0f32], &dev)?;
-/// let inputs = ObjectiveInputs { logp: &logp, old_logp: &old_logp, ref_logp: None, mask: &mask, advantages: &advantages };
+/// let inputs = ObjectiveInputs {
+///     logp: &logp,
+///     old_logp: &old_logp,
+///     ref_logp: None,
+///     mask: &mask,
+///     advantages: &advantages,
+/// };
 /// let out = clipped_objective(&ObjectiveConfig::default(), &inputs)?;
 /// // surrogates 1·1 and clip(1.5, 0.8, 1.2)·1 = 1.2; loss = −(1 + 1.2)/2
 /// assert!((out.loss.to_scalar::<f32>()? + 1.1).abs() < 1e-6);
@@ -334,7 +368,7 @@ pub struct ObjectiveOutput {
 /// [`Error::InvalidConfig`] for a bad config, for `max_completion_len < T`, and when
 /// `beta > 0` but `ref_logp` is `None` (field `beta`); [`Error::ShapeMismatch`] naming the
 /// tensor; [`Error::Empty`]`("mask")` when there is no completion token; [`Error::Candle`] for
-/// device mismatches or a non-float `logp`.
+/// device mismatches and for a `logp` that is not a float tensor.
 pub fn clipped_objective(
     cfg: &ObjectiveConfig,
     inputs: &ObjectiveInputs<'_>,
@@ -362,6 +396,10 @@ pub fn clipped_objective(
 
     let logp = inputs.logp;
     let dtype = logp.dtype();
+    if !dtype.is_float() {
+        // candle panics (todo!) on `exp` of an integer tensor: refuse it here.
+        return Err(candle_core::Error::UnsupportedDTypeForOp(dtype, "clipped_objective").into());
+    }
     let constant = |x: &Tensor| x.detach().to_dtype(dtype);
     let old_logp = constant(inputs.old_logp)?;
     let mask = constant(inputs.mask)?;
@@ -416,15 +454,13 @@ pub fn clipped_objective(
     // Metrics, from detached tensors, in one device-to-host copy.
     let ratio = ratio.detach();
     let log_ratio_tok = log_ratio_tok.detach();
-    let ratio_tok = match cfg.ratio_level {
-        RatioLevel::Token => ratio.clone(),
-        RatioLevel::Sequence => log_ratio_tok.exp()?,
-    };
     let indicator = |x: Tensor| x.to_dtype(dtype);
     let low = indicator(ratio.lt(lo)?.mul(&adv.lt(0.0)?)?)?;
     let high = indicator(ratio.gt(hi)?.mul(&adv.gt(0.0)?)?)?;
-    let region = (&low + &high)?; // disjoint: A < 0 vs A > 0
-    let approx_kl = ratio_tok.affine(1.0, -1.0)?.sub(&log_ratio_tok)?;
+    // low and high are disjoint (A < 0 against A > 0), so their sum is "either".
+    let region = (&low + &high)?;
+    // (r − 1) − log r = exp(x) − x − 1 with x = log r: the k3 form, computed stably.
+    let approx_kl = exp_minus_one_minus(&log_ratio_tok)?;
     let kl_mean = match &kl {
         Some(kl) => norm.token_mean(&kl.detach())?,
         None => Tensor::zeros((), dtype, logp.device())?,
@@ -443,9 +479,7 @@ pub fn clipped_objective(
     )?
     .to_dtype(DType::F64)?
     .to_vec1::<f64>()?;
-    let [policy_loss, kl, approx_kl, clip_ratio_low, clip_ratio_high, clip_ratio_region, num_tokens] =
-        values[..]
-    else {
+    let [policy_loss, kl, approx_kl, low, high, region, num_tokens] = values[..] else {
         unreachable!("seven metrics were stacked")
     };
     if num_tokens <= 0.0 {
@@ -457,9 +491,9 @@ pub fn clipped_objective(
             policy_loss,
             kl,
             approx_kl,
-            clip_ratio_low,
-            clip_ratio_high,
-            clip_ratio_region,
+            clip_ratio_low: low,
+            clip_ratio_high: high,
+            clip_ratio_region: region,
             num_tokens,
         },
     })
