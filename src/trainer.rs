@@ -361,8 +361,10 @@ where
     /// the history and return the step's metrics.
     ///
     /// # Errors
-    /// As [`step`](Self::step). A non-finite gradient norm stops the step before the
-    /// optimizer moves and before the history changes.
+    /// As [`step`](Self::step). A non-finite gradient norm stops the step before that
+    /// iteration's optimizer step and before the history changes. A batch with nothing to
+    /// learn from (every prompt masked, or no completion token) skips the optimizer
+    /// (`skipped_update = 1`) but still folds its rewards into the history.
     pub fn update(&mut self, rollout: Rollout<'_, P>) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let lr = lr_at(
@@ -373,13 +375,20 @@ where
             self.config.max_steps,
         );
         self.optimizer.set_learning_rate(lr);
-        let skip = rollout.zero_std_rows.iter().all(|&z| z);
+        // Nothing to learn from when every prompt is masked out, or no completion has a token.
+        let mut skip = rollout.zero_std_rows.iter().all(|&z| z);
         let mut acc = ObjectiveAccumulator::default();
         let mut last_grad_norm = f64::NAN;
         let mut first_lp: Option<TokenLogProbs> = None;
         if !skip {
-            for _ in 0..self.config.num_iterations {
-                let (out, lp) = self.loss(&rollout)?;
+            for it in 0..self.config.num_iterations {
+                let (out, lp) = match self.loss(&rollout) {
+                    Err(Error::Empty("mask")) if it == 0 => {
+                        skip = true;
+                        break;
+                    }
+                    r => r?,
+                };
                 let mut grads = out.loss.backward()?;
                 last_grad_norm = match self.config.max_grad_norm {
                     Some(max) => clip_grad_norm(&self.vars, &mut grads, max)?,
