@@ -34,4 +34,4 @@ pub use objective::{
 pub use optim::LrScheduler;
 pub use policy::{Policy, TokenLogProbs};
 pub use reward::{RewardFn, WeightedRewards};
-pub use trainer::{GroupedPrompt, Rollout, Trainer};
+pub use trainer::{step_rng, GroupedPrompt, Rollout, Trainer};

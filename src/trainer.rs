@@ -105,7 +105,6 @@ pub struct Trainer<P: Policy, R, O = AdamW> {
     vars: Vec<Var>,
     history: RewardHistory,
     config: TrainerConfig,
-    rng: StdRng,
     step: u64,
 }
 
@@ -171,7 +170,6 @@ where
             reference,
             vars,
             history: RewardHistory::new(config.history)?,
-            rng: StdRng::seed_from_u64(config.seed),
             policy,
             reward,
             optimizer,
@@ -232,7 +230,9 @@ where
     }
 
     /// Steps 1–3: sample, score, compute advantages (and the old/reference log-probs the
-    /// update needs). Draws from the trainer's generator; the history is not changed.
+    /// update needs). Sampling draws from a generator derived from `(config.seed, step)`
+    /// ([`step_rng`]), so a run's randomness is fixed by the seed and the step number alone:
+    /// nothing to save for an exact resume. The history is not changed.
     ///
     /// # Errors
     /// [`Error::Empty`] for an empty batch, then as [`step`](Self::step).
@@ -243,7 +243,8 @@ where
         let g = self.config.num_generations;
         let t0 = Instant::now();
         let prompts: Vec<P::Prompt> = batch.iter().map(|b| b.prompt.clone()).collect();
-        let completions = self.policy.sample(&prompts, g, &mut self.rng)?;
+        let mut rng = step_rng(self.config.seed, self.step);
+        let completions = self.policy.sample(&prompts, g, &mut rng)?;
         if completions.len() != batch.len() * g {
             return Err(Error::LengthMismatch {
                 what: "sampled completions",
@@ -468,6 +469,15 @@ where
         self.step += 1;
         Ok(m)
     }
+}
+
+/// The sampling generator of step `step` of a run seeded with `seed`: a `StdRng` seeded with
+/// a SplitMix64 mix of the two, so neighbouring steps and seeds get unrelated streams.
+pub fn step_rng(seed: u64, step: u64) -> StdRng {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
 }
 
 /// Rows of prompts (blocks of `g` rows) whose rewards are all equal.

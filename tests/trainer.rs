@@ -6,8 +6,8 @@ use pgrpo::bandit::PreferenceBandit;
 use pgrpo::models::{MlpPolicy, TabularPolicy};
 use pgrpo::optim::clip_grad_norm;
 use pgrpo::{
-    Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, NonFinitePolicy, Policy, StepMetrics, Trainer,
-    TrainerConfig,
+    Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, NonFinitePolicy, Policy, StepMetrics,
+    Trainer, TrainerConfig,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -35,7 +35,13 @@ fn cfg(estimator: Estimator) -> TrainerConfig {
 
 fn values(vars: &[Var]) -> Vec<Vec<f32>> {
     vars.iter()
-        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|v| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -45,18 +51,32 @@ fn every_var_receives_a_nonzero_gradient() {
     let mut rng = StdRng::seed_from_u64(0);
     let batch = batch_for(&bandit, 16, &mut rng);
     // Tabular policy with shared logits.
-    let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(1), cfg(Estimator::Grpo)).unwrap();
+    let mut t = Trainer::new(
+        bandit.policy(&Device::Cpu).unwrap(),
+        bandit.reward_fn(1),
+        cfg(Estimator::Grpo),
+    )
+    .unwrap();
     let rollout = t.rollout(&batch).unwrap();
     let (out, _) = t.loss(&rollout).unwrap();
     let grads = out.loss.backward().unwrap();
     for (i, v) in t.policy().vars().iter().enumerate() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("var {i} got no gradient"));
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("var {i} got no gradient"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(s > 0.0, "var {i} has an all-zero gradient");
     }
     // MLP policy over one-hot features.
     let mlp = MlpPolicy::new(3, 8, 4, 7, &Device::Cpu).unwrap();
-    let reward = |x: &Vec<f32>, a: &u32, _g: &GroupKey| if x[*a as usize % 3] > 0.0 { 1.0 } else { 0.0 };
+    let reward =
+        |x: &Vec<f32>, a: &u32, _g: &GroupKey| if x[*a as usize % 3] > 0.0 { 1.0 } else { 0.0 };
     let mut t = Trainer::new(mlp, reward, cfg(Estimator::Grpo)).unwrap();
     let batch: Vec<_> = (0..6)
         .map(|i| {
@@ -70,8 +90,16 @@ fn every_var_receives_a_nonzero_gradient() {
     let (out, _) = t.loss(&rollout).unwrap();
     let grads = out.loss.backward().unwrap();
     for (i, v) in t.policy().vars().iter().enumerate() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("mlp var {i} got no gradient"));
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("mlp var {i} got no gradient"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(s > 0.0, "mlp var {i} has an all-zero gradient");
     }
 }
@@ -80,7 +108,12 @@ fn every_var_receives_a_nonzero_gradient() {
 fn a_step_changes_the_parameters_and_fills_the_history() {
     let bandit = easy_bandit();
     let mut rng = StdRng::seed_from_u64(3);
-    let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(1), cfg(Estimator::PGrpo)).unwrap();
+    let mut t = Trainer::new(
+        bandit.policy(&Device::Cpu).unwrap(),
+        bandit.reward_fn(1),
+        cfg(Estimator::PGrpo),
+    )
+    .unwrap();
     let before = values(&t.policy().vars());
     let batch = batch_for(&bandit, 16, &mut rng);
     let m = t.step(&batch).unwrap();
@@ -89,7 +122,10 @@ fn a_step_changes_the_parameters_and_fills_the_history() {
         assert_ne!(b, a, "a parameter tensor did not move");
     }
     let total: u64 = t.history().iter().map(|(_, s)| s.n).sum();
-    assert_eq!(total, 64, "16 prompts × 4 completions folded into the history");
+    assert_eq!(
+        total, 64,
+        "16 prompts × 4 completions folded into the history"
+    );
     assert_eq!(t.steps_done(), 1);
     for name in [
         "reward",
@@ -107,17 +143,26 @@ fn a_step_changes_the_parameters_and_fills_the_history() {
         "grad_norm",
         "learning_rate",
     ] {
-        let v = m.get(name).unwrap_or_else(|| panic!("metric {name} missing"));
+        let v = m
+            .get(name)
+            .unwrap_or_else(|| panic!("metric {name} missing"));
         assert!(v.is_finite(), "metric {name} = {v}");
     }
     for (key, _) in t.history().iter() {
         for what in ["mean", "std", "n"] {
-            assert!(m.get(&format!("history/{key}/{what}")).is_some(), "history/{key}/{what} missing");
+            assert!(
+                m.get(&format!("history/{key}/{what}")).is_some(),
+                "history/{key}/{what} missing"
+            );
         }
     }
     for item in &batch {
-        assert!(m.get(&format!("group/{}/reward_mean", item.group)).is_some());
-        assert!(m.get(&format!("group/{}/advantage_mean", item.group)).is_some());
+        assert!(m
+            .get(&format!("group/{}/reward_mean", item.group))
+            .is_some());
+        assert!(m
+            .get(&format!("group/{}/advantage_mean", item.group))
+            .is_some());
         assert!(m.get(&format!("group/{}/count", item.group)).unwrap() >= 4.0);
     }
     assert_eq!(m.get("completions/mean_length"), Some(1.0));
@@ -126,7 +171,12 @@ fn a_step_changes_the_parameters_and_fills_the_history() {
 fn train_and_eval(estimator: Estimator, steps: usize) -> (Vec<f64>, Vec<f64>) {
     let bandit = easy_bandit();
     let mut rng = StdRng::seed_from_u64(11);
-    let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(5), cfg(estimator)).unwrap();
+    let mut t = Trainer::new(
+        bandit.policy(&Device::Cpu).unwrap(),
+        bandit.reward_fn(5),
+        cfg(estimator),
+    )
+    .unwrap();
     let start = bandit.evaluate(t.policy()).unwrap();
     for _ in 0..steps {
         let batch = batch_for(&bandit, 16, &mut rng);
@@ -137,11 +187,19 @@ fn train_and_eval(estimator: Estimator, steps: usize) -> (Vec<f64>, Vec<f64>) {
 
 #[test]
 fn every_group_improves_on_an_easy_bandit() {
-    for est in [Estimator::Grpo, Estimator::PGrpo, Estimator::Rloo, Estimator::DrGrpo] {
+    for est in [
+        Estimator::Grpo,
+        Estimator::PGrpo,
+        Estimator::Rloo,
+        Estimator::DrGrpo,
+    ] {
         let (start, end) = train_and_eval(est, 120);
         for (k, (s, e)) in start.iter().zip(&end).enumerate() {
             assert!(*s < 0.5, "{est:?}: group {k} starts at {s}");
-            assert!(*e > 0.9, "{est:?}: group {k} only reached {e} of its optimum (start {s})");
+            assert!(
+                *e > 0.9,
+                "{est:?}: group {k} only reached {e} of its optimum (start {s})"
+            );
         }
     }
 }
@@ -154,7 +212,12 @@ fn run_metrics(seed: u64, steps: usize) -> (Vec<StepMetrics>, Vec<Vec<f32>>) {
     c.num_iterations = 2;
     c.objective.beta = 0.04;
     c.history = HistoryKind::Exponential { half_life: 32.0 };
-    let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(seed), c).unwrap();
+    let mut t = Trainer::new(
+        bandit.policy(&Device::Cpu).unwrap(),
+        bandit.reward_fn(seed),
+        c,
+    )
+    .unwrap();
     let ms = (0..steps)
         .map(|_| {
             let b = batch_for(&bandit, 8, &mut rng);
@@ -187,7 +250,10 @@ fn several_iterations_move_the_ratio_and_kl_is_tracked() {
     let kl_first = ms[0].get("kl").unwrap();
     let kl_last = ms.last().unwrap().get("kl").unwrap();
     assert!((0.0..0.01).contains(&kl_first), "kl at step 0: {kl_first}");
-    assert!(kl_last > kl_first, "kl did not grow: {kl_first} -> {kl_last}");
+    assert!(
+        kl_last > kl_first,
+        "kl did not grow: {kl_first} -> {kl_last}"
+    );
 }
 
 #[test]
@@ -202,7 +268,12 @@ fn nan_reward_is_a_typed_error_naming_the_row_and_leaves_state_alone() {
             1.0
         }
     };
-    let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), reward, cfg(Estimator::PGrpo)).unwrap();
+    let mut t = Trainer::new(
+        bandit.policy(&Device::Cpu).unwrap(),
+        reward,
+        cfg(Estimator::PGrpo),
+    )
+    .unwrap();
     let before = values(&t.policy().vars());
     let batch = vec![GroupedPrompt::new(0u32, "a"), GroupedPrompt::new(1u32, "b")];
     match t.step(&batch) {
@@ -210,10 +281,17 @@ fn nan_reward_is_a_typed_error_naming_the_row_and_leaves_state_alone() {
             assert_eq!(row, 5);
             assert!(value.is_nan());
         }
-        other => panic!("expected NonFiniteReward, got {other:?}", other = other.map(|m| m.step)),
+        other => panic!(
+            "expected NonFiniteReward, got {other:?}",
+            other = other.map(|m| m.step)
+        ),
     }
     assert!(t.history().is_empty(), "history changed on a failed step");
-    assert_eq!(values(&t.policy().vars()), before, "parameters changed on a failed step");
+    assert_eq!(
+        values(&t.policy().vars()),
+        before,
+        "parameters changed on a failed step"
+    );
     assert_eq!(t.steps_done(), 0);
 }
 
@@ -232,7 +310,11 @@ fn missing_rewards_are_skipped_when_asked() {
     let mut c = cfg(Estimator::PGrpo);
     c.advantage.non_finite = NonFinitePolicy::Missing;
     let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), reward, c).unwrap();
-    let batch = vec![GroupedPrompt::new(0u32, "a"), GroupedPrompt::new(1u32, "b"), GroupedPrompt::new(2u32, "a")];
+    let batch = vec![
+        GroupedPrompt::new(0u32, "a"),
+        GroupedPrompt::new(1u32, "b"),
+        GroupedPrompt::new(2u32, "a"),
+    ];
     let m = t.step(&batch).unwrap();
     assert_eq!(m.get("num_missing_rewards"), Some(4.0));
     let n: u64 = t.history().iter().map(|(_, s)| s.n).sum();
@@ -243,7 +325,9 @@ fn missing_rewards_are_skipped_when_asked() {
 #[test]
 fn bad_configs_and_inputs_are_typed_errors() {
     let bandit = easy_bandit();
-    let new = |c: TrainerConfig| Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(0), c);
+    let new = |c: TrainerConfig| {
+        Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(0), c)
+    };
     let field_of = |r: pgrpo::Result<_>| match r {
         Err(Error::InvalidConfig { field, .. }) => field,
         Err(e) => panic!("expected InvalidConfig, got {e}"),
@@ -257,7 +341,10 @@ fn bad_configs_and_inputs_are_typed_errors() {
     let mut c = cfg(Estimator::PGrpo);
     c.num_generations = 1;
     c.advantage.pgrpo.cold_start = pgrpo::ColdStart::Batch;
-    assert!(new(c).is_ok(), "P-GRPO with a batch cold start works with one completion per prompt");
+    assert!(
+        new(c).is_ok(),
+        "P-GRPO with a batch cold start works with one completion per prompt"
+    );
     let mut c = cfg(Estimator::Grpo);
     c.learning_rate = -1.0;
     assert_eq!(field_of(new(c).map(|_| ())), "learning_rate");
@@ -284,7 +371,18 @@ fn bad_configs_and_inputs_are_typed_errors() {
     assert!(matches!(t.step(&[]), Err(Error::Empty("batch"))));
     // A context the policy does not have.
     let r = t.step(&[GroupedPrompt::new(99u32, "x")]);
-    assert!(matches!(r, Err(Error::IndexOutOfRange { what: "prompts", value: 99, .. })), "{r:?}", r = r.map(|m| m.step));
+    assert!(
+        matches!(
+            r,
+            Err(Error::IndexOutOfRange {
+                what: "prompts",
+                value: 99,
+                ..
+            })
+        ),
+        "{r:?}",
+        r = r.map(|m| m.step)
+    );
 }
 
 #[test]
@@ -297,7 +395,12 @@ fn warmup_and_schedules_set_the_learning_rate() {
     let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(0), c).unwrap();
     let mut rng = StdRng::seed_from_u64(0);
     let lrs: Vec<f64> = (0..8)
-        .map(|_| t.step(&batch_for(&bandit, 4, &mut rng)).unwrap().get("learning_rate").unwrap())
+        .map(|_| {
+            t.step(&batch_for(&bandit, 4, &mut rng))
+                .unwrap()
+                .get("learning_rate")
+                .unwrap()
+        })
         .collect();
     let want = [0.0125, 0.025, 0.0375, 0.05, 0.05, 0.0375, 0.025, 0.0125];
     for (g, w) in lrs.iter().zip(want) {
@@ -310,8 +413,12 @@ fn clip_grad_norm_scales_to_the_max_norm() {
     let a = Var::new(&[3.0f32, 0.0], &Device::Cpu).unwrap();
     let b = Var::new(&[0.0f32, 4.0], &Device::Cpu).unwrap();
     let loss = (a.as_tensor().sum_all().unwrap() * 1.0).unwrap();
-    let loss = (loss + (b.as_tensor() * &Tensor::new(&[0.0f32, 1.0], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap())
-        .unwrap();
+    let loss = (loss
+        + (b.as_tensor() * &Tensor::new(&[0.0f32, 1.0], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap())
+    .unwrap();
     // Gradients: a -> [1, 1], b -> [0, 1]; norm sqrt(3).
     let mut grads = loss.backward().unwrap();
     let vars = [a.clone(), b.clone()];
@@ -329,14 +436,29 @@ fn policies_reject_bad_prompts_and_snapshots_are_frozen() {
     let p = TabularPolicy::new(2, 3, true, &Device::Cpu).unwrap();
     let snap = p.snapshot().unwrap();
     // Change the live policy; the snapshot must not follow.
-    p.vars()[1].set(&Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    p.vars()[1]
+        .set(&Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
     assert_eq!(snap.probs().unwrap()[0], vec![1.0 / 3.0; 3]);
     let lp = p.log_probs(&[&0, &1], &[0, 5]);
-    assert!(matches!(lp, Err(Error::IndexOutOfRange { what: "completions", value: 5, .. })));
+    assert!(matches!(
+        lp,
+        Err(Error::IndexOutOfRange {
+            what: "completions",
+            value: 5,
+            ..
+        })
+    ));
     let mlp = MlpPolicy::new(2, 4, 3, 0, &Device::Cpu).unwrap();
-    assert!(matches!(mlp.log_probs(&[&vec![1.0]], &[0]), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        mlp.log_probs(&[&vec![1.0]], &[0]),
+        Err(Error::ShapeMismatch { .. })
+    ));
     assert!(matches!(
         TabularPolicy::new(0, 3, true, &Device::Cpu),
-        Err(Error::InvalidConfig { field: "num_contexts", .. })
+        Err(Error::InvalidConfig {
+            field: "num_contexts",
+            ..
+        })
     ));
 }
