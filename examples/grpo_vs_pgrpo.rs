@@ -57,7 +57,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     steps: usize,
     /// Seeds per estimator.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     seeds: u64,
     /// Adam learning rate.
     #[arg(long, default_value_t = 0.05)]
@@ -232,6 +232,56 @@ fn print_group_table(
     }
 }
 
+/// P-GRPO minus GRPO, paired by seed (same prompts and sampling seed), at one third of the run
+/// and at the end: the honest answer to "does P-GRPO help here?".
+fn print_paired_summary(results: &[RunResult], arms: &[Arm], args: &Args, groups: usize) {
+    let find = |name: &str| arms.iter().position(|a| a.name == name);
+    let (Some(a), Some(b)) = (find("p_grpo"), find("grpo")) else {
+        return;
+    };
+    let early = (args.steps / 3).max(1);
+    println!("\n## Summary: p_grpo − grpo, paired by seed (mean ± 95% CI; * = CI excludes 0)");
+    println!(
+        "{:<6} {:<6} {:>22} {:>22}",
+        "G",
+        "group",
+        format!("step {early}"),
+        format!("step {}", args.steps)
+    );
+    for &g in &args.g {
+        for k in 0..groups {
+            let mut cells = Vec::new();
+            for step in [early, args.steps] {
+                let diffs: Vec<f64> = (0..args.seeds)
+                    .filter_map(|seed| {
+                        let get = |arm: usize| {
+                            results
+                                .iter()
+                                .find(|r| r.g == g && r.arm == arm && r.seed == seed)
+                                .map(|r| r.curves[step][k])
+                        };
+                        Some(get(a)? - get(b)?)
+                    })
+                    .collect();
+                let (m, ci) = mean_ci(&diffs);
+                let star = if ci.is_finite() && (m - ci > 0.0 || m + ci < 0.0) {
+                    "*"
+                } else {
+                    " "
+                };
+                cells.push(format!("{m:+.3} ± {ci:.3}{star}"));
+            }
+            println!(
+                "{:<6} {:<6} {:>22} {:>22}",
+                g,
+                format!("g{k}"),
+                cells[0],
+                cells[1]
+            );
+        }
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let bandit = PreferenceBandit::new(
@@ -364,6 +414,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             print_group_table(&by_arm, &arms, &checkpoints, g);
         }
     }
+    print_paired_summary(&results, &arms, &args, bandit.num_groups());
     let secs: f64 = results.iter().map(|r| r.secs).sum();
     println!(
         "\n{} runs × {} steps in {wall:.1} s wall ({:.2} ms per step per run); curves: {}",
