@@ -8,6 +8,7 @@ pub mod advantage;
 mod error;
 mod group;
 pub mod history;
+pub mod lm;
 pub mod policy;
 
 pub use advantage::{
@@ -17,4 +18,5 @@ pub use advantage::{
 pub use error::{Error, Result};
 pub use group::GroupKey;
 pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
+pub use lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
 pub use policy::{Policy, TokenLogProbs};
