@@ -775,7 +775,7 @@ fn loading_errors_are_typed() {
 
 /// The real SmolLM2-135M-Instruct GGUF (Q4_1, dequantised to f32): greedy ChatML answer to
 /// "What is the capital of France?" mentions Paris, and one forward + backward reaches every
-/// var. Opt-in: fetch the model with `scripts/fetch-smollm2.sh`, then
+/// var (all 272). Opt-in: fetch the model with `scripts/fetch-smollm2.sh`, then
 /// `cargo test --release --test lm -- --ignored`. Set `PGRPO_SMOLLM2_GGUF` to use another path.
 #[test]
 #[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-smollm2.sh)"]
@@ -796,6 +796,8 @@ fn smollm2_gguf_answers_and_trains() {
         })
         .unwrap();
     assert_eq!(policy.model().config().num_hidden_layers, 30);
+    // SmolLM2's pre-tokenizer (no prefix space): "Hello" is one token, 19556, not "ĠHello".
+    assert_eq!(policy.encode("Hello").unwrap(), vec![19556]);
     let prompt = policy
         .chat_prompt("What is the capital of France?")
         .unwrap();
@@ -809,6 +811,7 @@ fn smollm2_gguf_answers_and_trains() {
     let answer = policy.decode(&out[0]).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 
+    assert_eq!(policy.vars().len(), 272);
     let lp = policy.log_probs(&[&prompt], &out).unwrap();
     let loss = (lp.logp * lp.mask).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
