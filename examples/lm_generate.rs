@@ -63,7 +63,10 @@ fn main() -> pgrpo::Result<()> {
     let outs = policy.sample(&[prompt], args.n, &mut StdRng::seed_from_u64(args.seed))?;
     let secs = start.elapsed().as_secs_f64();
     let tokens: usize = outs.iter().map(Vec::len).sum();
-    for out in &outs {
+    for (i, out) in outs.iter().enumerate() {
+        if i > 0 {
+            println!("---");
+        }
         println!("{}", policy.decode(out)?);
     }
     eprintln!(

@@ -456,14 +456,20 @@ fn write_gguf(model: &Llama, path: &Path, arch: &str) {
             n if n.ends_with("post_attention_layernorm.weight") => {
                 (format!("blk.{layer}.ffn_norm.weight"), t)
             }
-            n if n.ends_with("q_proj.weight") => (
+            // llama.cpp permutes Llama's q/k rows (not Qwen2's).
+            n if n.ends_with("q_proj.weight") && arch == "llama" => (
                 format!("blk.{layer}.attn_q.weight"),
                 llama_cpp_permute(&t, c.num_attention_heads),
             ),
-            n if n.ends_with("k_proj.weight") => (
+            n if n.ends_with("k_proj.weight") && arch == "llama" => (
                 format!("blk.{layer}.attn_k.weight"),
                 llama_cpp_permute(&t, c.num_kv_heads()),
             ),
+            n if n.ends_with("q_proj.weight") => (format!("blk.{layer}.attn_q.weight"), t),
+            n if n.ends_with("k_proj.weight") => (format!("blk.{layer}.attn_k.weight"), t),
+            n if n.ends_with("q_proj.bias") => (format!("blk.{layer}.attn_q.bias"), t),
+            n if n.ends_with("k_proj.bias") => (format!("blk.{layer}.attn_k.bias"), t),
+            n if n.ends_with("v_proj.bias") => (format!("blk.{layer}.attn_v.bias"), t),
             n if n.ends_with("v_proj.weight") => (format!("blk.{layer}.attn_v.weight"), t),
             n if n.ends_with("o_proj.weight") => (format!("blk.{layer}.attn_output.weight"), t),
             n if n.ends_with("gate_proj.weight") => (format!("blk.{layer}.ffn_gate.weight"), t),
@@ -530,7 +536,7 @@ fn write_gguf(model: &Llama, path: &Path, arch: &str) {
 
 /// A GGUF written the llama.cpp way (names, permuted q/k, metadata, BPE tokenizer) loads
 /// with HF names, un-permuted q/k (identical weights and logits) and the SmolLM2
-/// pre-tokenizer fix.
+/// pre-tokenizer fix; a Qwen2 GGUF (biases, no permutation) loads too.
 #[test]
 fn gguf_loads_with_hf_names_and_unpermuted_qk() {
     let dir = temp_dir("gguf");
@@ -569,6 +575,17 @@ fn gguf_loads_with_hf_names_and_unpermuted_qk() {
             "Hello 12"
         );
     }
+    // Qwen2-style: q/k/v biases, rows not permuted.
+    let model = tiny_model(true, false, DType::F32, 8);
+    let path = dir.join("tiny-qwen2.gguf");
+    write_gguf(&model, &path, "qwen2");
+    let loaded = LmPolicy::from_gguf(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model().config().model_type, "qwen2");
+    assert!(loaded.model().config().has_qkv_bias());
+    let ids = Tensor::new(&[[4u32, 50, 6, 7]], &Device::Cpu).unwrap();
+    let a = model.forward(&ids, None).unwrap();
+    let b = loaded.model().forward(&ids, None).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -638,6 +655,21 @@ fn greedy_generation_matches_full_recompute() {
         .unwrap();
     let lens: Vec<usize> = got.iter().map(Vec::len).collect();
     assert_eq!(lens, [6, 6, 1, 1, 10, 10]);
+    // top-k = 1 (or a tiny top-p) at any temperature is greedy too.
+    for (top_k, top_p) in [(1, 1.0), (0, 1e-6)] {
+        let cfg = SamplingConfig {
+            temperature: 1.5,
+            top_k,
+            top_p,
+            ..policy.sampling().clone()
+        };
+        let p = policy.clone().with_sampling(cfg).unwrap();
+        assert_eq!(
+            p.sample(&prompts, 2, &mut StdRng::seed_from_u64(5))
+                .unwrap(),
+            got
+        );
+    }
     let model = policy.model();
     for (i, prompt) in prompts.iter().enumerate() {
         let mut seq = prompt.clone();
@@ -774,9 +806,12 @@ fn loading_errors_are_typed() {
 }
 
 /// The real SmolLM2-135M-Instruct GGUF (Q4_1, dequantised to f32): greedy ChatML answer to
-/// "What is the capital of France?" mentions Paris, and one forward + backward reaches every
-/// var (all 272). Opt-in: fetch the model with `scripts/fetch-smollm2.sh`, then
-/// `cargo test --release --test lm -- --ignored`. Set `PGRPO_SMOLLM2_GGUF` to use another path.
+/// "What is the capital of France?" mentions Paris, saving it as an HF directory and loading
+/// that back gives the same tokens, and one forward + backward reaches every var (all 272).
+///
+/// Opt-in (98 MB download, ~0.6 GB written to the temp dir, ~3 GB RAM): fetch the model with
+/// `scripts/fetch-smollm2.sh`, then `cargo test --release --test lm -- --ignored`. Set
+/// `PGRPO_SMOLLM2_GGUF` to use another path.
 #[test]
 #[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-smollm2.sh)"]
 fn smollm2_gguf_answers_and_trains() {
@@ -810,6 +845,27 @@ fn smollm2_gguf_answers_and_trains() {
         .unwrap();
     let answer = policy.decode(&out[0]).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer:?}");
+
+    // Saved as an HF directory (f32 safetensors + tokenizer.json), it loads and answers alike.
+    let dir = temp_dir("smollm2");
+    policy.save_hf_dir(&dir).unwrap();
+    let reloaded = LmPolicy::from_hf_dir(&dir, &Device::Cpu)
+        .unwrap()
+        .with_sampling(policy.sampling().clone())
+        .unwrap();
+    assert_eq!(
+        reloaded
+            .chat_prompt("What is the capital of France?")
+            .unwrap(),
+        prompt
+    );
+    let again = reloaded.sample(
+        std::slice::from_ref(&prompt),
+        1,
+        &mut StdRng::seed_from_u64(0),
+    );
+    assert_eq!(again.unwrap(), out);
+    let _ = std::fs::remove_dir_all(&dir);
 
     assert_eq!(policy.vars().len(), 272);
     let lp = policy.log_probs(&[&prompt], &out).unwrap();

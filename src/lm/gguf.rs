@@ -252,8 +252,8 @@ pub fn hf_name(gguf: &str) -> String {
 /// `h·d + j·d/2 + i`, where `d = out / heads`.
 pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let out = dims[0];
-    if heads == 0 || out % (2 * heads) != 0 {
+    let out = dims.first().copied().unwrap_or(0);
+    if heads == 0 || out == 0 || out % (2 * heads) != 0 {
         return Err(Error::ShapeMismatch {
             what: "q/k projection rows (must split into heads × pairs)",
             expected: vec![2 * heads],
@@ -261,7 +261,7 @@ pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         });
     }
     let half = out / heads / 2;
-    let rest: usize = dims[1..].iter().product();
+    let rest: usize = dims.iter().skip(1).product();
     let y = t
         .reshape((heads, half, 2, rest))?
         .transpose(1, 2)?

@@ -57,8 +57,9 @@ struct Block {
 /// A Llama-family causal language model with Hugging Face weight names.
 ///
 /// Build a small one from scratch with [`Llama::new`] (seeded), or load a checkpoint with
-/// [`Llama::from_hf_dir`](super::hf) / [`Llama::from_gguf`](super::gguf). Its trainable
-/// tensors are [`Var`]s in a fixed order ([`Llama::named_vars`]).
+/// [`Llama::from_hf_dir`] / [`Llama::from_gguf`]. Its trainable
+/// tensors are [`Var`]s in a fixed order ([`Llama::named_vars`]). `Clone` shares those vars
+/// (an optimizer step on one is seen by the other); [`Llama::snapshot`] copies them.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};

@@ -116,6 +116,8 @@ impl Llama {
 ///   [`Llama::token_log_probs`]), `f32`, with mask and detached entropy;
 /// - [`Policy::log_probs_detached`]: the same without a graph, with fused kernels.
 ///
+/// `Clone` shares the model's vars; [`Policy::snapshot`] deep-copies them.
+///
 /// ```
 /// use candle_core::{DType, Device};
 /// use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
