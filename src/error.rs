@@ -148,6 +148,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// A checkpoint tensor's shape does not match the model config.
+    ///
+    /// ```text
+    /// models/tiny/model.safetensors: tensor `model.layers.0.mlp.up_proj.weight` has shape [32, 16], the config needs [64, 16]
+    /// ```
+    #[error("{path}: tensor `{name}` has shape {got:?}, the config needs {expected:?}")]
+    TensorShape {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor's (Hugging Face) name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        got: Vec<usize>,
+    },
+
     /// The model architecture or a feature of the checkpoint is not supported.
     #[error("unsupported model: {0}")]
     UnsupportedModel(String),

@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod group;
 pub mod history;
+pub mod lm;
 pub mod metrics;
 pub mod models;
 pub mod objective;
@@ -26,6 +27,7 @@ pub use config::TrainerConfig;
 pub use error::{Error, Result};
 pub use group::GroupKey;
 pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
+pub use lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
 pub use metrics::StepMetrics;
 pub use objective::{
     clipped_objective, KlEstimator, LossAggregation, ObjectiveConfig, ObjectiveInputs,

@@ -1,0 +1,30 @@
+//! A trainable Llama-family causal language model as a [`Policy`](crate::Policy).
+//!
+//! - [`config`]: [`LlamaConfig`], read from / written to Hugging Face `config.json`;
+//! - [`model`]: [`Llama`], differentiable forward (and a detached fast path), padding-exact
+//!   attention, [`KvCache`];
+//! - [`hf`]: load / save HF checkpoint directories (safetensors, sharded or not);
+//! - [`gguf`]: load llama.cpp GGUF files, dequantised to dense trainable weights;
+//! - [`tokenizer`]: `tokenizer.json`, GGUF tokenizers, the ChatML prompt format;
+//! - [`sampling`]: batched KV-cache sampling ([`SamplingConfig`]);
+//! - [`policy`]: [`LmPolicy`], the [`Policy`](crate::Policy) implementation.
+//!
+//! candle's stock `candle-transformers` models do not train (their fused kernels record no
+//! backward); this module's training path uses only differentiable ops, and a test checks
+//! that every weight receives a gradient.
+
+pub mod config;
+pub mod gguf;
+pub mod hf;
+mod io;
+pub mod model;
+pub mod policy;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use config::{LlamaConfig, TokenIds};
+pub use gguf::GgufFile;
+pub use model::{Grad, KvCache, Llama};
+pub use policy::LmPolicy;
+pub use sampling::{sample_token, SamplingConfig};
+pub use tokenizer::{chatml, Tokenizer};

@@ -1,0 +1,312 @@
+//! [`LmPolicy`]: a [`Llama`] (plus its tokenizer) as a [`Policy`] over token sequences.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::rngs::StdRng;
+
+use super::hf::TOKENIZER_FILE;
+use super::model::{Grad, Llama};
+use super::sampling::SamplingConfig;
+use super::tokenizer::{self, Tokenizer};
+use crate::{Error, Policy, Result, TokenLogProbs};
+
+impl Llama {
+    /// Per-token log-probs of `completions[i]` after `prompts[i]`, in the model's dtype.
+    ///
+    /// Each row is laid out as `[pad…, prompt, completion, pad…]`: prompts left-padded to the
+    /// longest prompt `P`, completions right-padded to the longest completion `C`, so the
+    /// completion columns line up. One forward over the first `P + C − 1` columns; the vocab
+    /// projection runs only on the `C` positions that predict completion tokens:
+    ///
+    /// ```text
+    /// logp[i, t] = log_softmax(logits[i, P − 1 + t])[completion[i][t]]      (B, C)
+    /// mask[i, t] = 1 if t < len(completion[i]) else 0                         (B, C)
+    /// entropy[i, t] = −Σ_v p_v log p_v  of the same distribution (detached)  (B, C)
+    /// ```
+    ///
+    /// With [`Grad::Track`] `logp` is differentiable w.r.t. every var. Prompts must be
+    /// non-empty; when every completion is empty the result has one masked column.
+    pub fn token_log_probs(
+        &self,
+        prompts: &[&[u32]],
+        completions: &[&[u32]],
+        grad: Grad,
+        with_entropy: bool,
+    ) -> Result<TokenLogProbs> {
+        if prompts.len() != completions.len() {
+            return Err(Error::LengthMismatch {
+                what: "completions",
+                got: completions.len(),
+                against: "prompts",
+                expected: prompts.len(),
+            });
+        }
+        if prompts.is_empty() {
+            return Err(Error::Empty("prompts"));
+        }
+        self.check_ids("prompts", prompts)?;
+        let vocab = self.config().vocab_size;
+        for (row, c) in completions.iter().enumerate() {
+            if let Some(&bad) = c.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::IndexOutOfRange {
+                    what: "completions",
+                    row,
+                    value: bad as usize,
+                    bound: vocab,
+                    of: "tokens in the vocabulary",
+                });
+            }
+        }
+        let dev = self.device().clone();
+        let b = prompts.len();
+        let p = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
+        let c = completions.iter().map(|q| q.len()).max().unwrap_or(0);
+        if c == 0 {
+            let z = Tensor::zeros((b, 1), self.dtype(), &dev)?;
+            return Ok(TokenLogProbs {
+                logp: z.clone(),
+                mask: z.clone(),
+                entropy: with_entropy.then_some(z),
+            });
+        }
+        let t = p + c - 1;
+        let mut ids = vec![0u32; b * t];
+        let mut real = vec![false; b * t];
+        let mut targets = vec![0u32; b * c];
+        let mut mask = vec![0f32; b * c];
+        for row in 0..b {
+            let (q, a) = (prompts[row], completions[row]);
+            let start = row * t + p - q.len();
+            ids[start..start + q.len()].copy_from_slice(q);
+            real[start..start + q.len()].fill(true);
+            // The last completion token is predicted but never fed.
+            let fed = a.len().min(c - 1);
+            ids[row * t + p..row * t + p + fed].copy_from_slice(&a[..fed]);
+            real[row * t + p..row * t + p + fed].fill(true);
+            targets[row * c..row * c + a.len()].copy_from_slice(a);
+            mask[row * c..row * c + a.len()].fill(1.0);
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+        let h = self.hidden_states(&ids, &real, None, grad)?;
+        let h = h.narrow(1, p - 1, c)?;
+        let logits = self.logits(&h, grad)?; // (B, C, V)
+        let logp_all = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let idx = Tensor::from_vec(targets, (b, c, 1), &dev)?;
+        let logp = logp_all.gather(&idx, 2)?.squeeze(2)?;
+        let entropy = if with_entropy {
+            let lp = logp_all.detach();
+            Some((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?)
+        } else {
+            None
+        };
+        let mask = Tensor::from_vec(mask, (b, c), &dev)?.to_dtype(self.dtype())?;
+        Ok(TokenLogProbs {
+            logp,
+            mask,
+            entropy,
+        })
+    }
+}
+
+/// A causal language model as a [`Policy`]: prompts and completions are token-id sequences.
+///
+/// - [`Policy::sample`]: batched KV-cache sampling under [`SamplingConfig`];
+/// - [`Policy::log_probs`]: differentiable `(B, C)` completion log-probs (see
+///   [`Llama::token_log_probs`]), `f32`, with mask and detached entropy;
+/// - [`Policy::log_probs_detached`]: the same without a graph, with fused kernels.
+///
+/// `Clone` shares the model's vars; [`Policy::snapshot`] deep-copies them.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
+/// use pgrpo::Policy;
+/// use rand::{rngs::StdRng, SeedableRng};
+///
+/// let config = LlamaConfig {
+///     hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+///     num_key_value_heads: Some(2), vocab_size: 40, eos_token_id: None, ..Default::default()
+/// };
+/// let model = Llama::new(config, &mut StdRng::seed_from_u64(0), &Device::Cpu, DType::F32)?;
+/// let policy = LmPolicy::new(model, None)
+///     .with_sampling(SamplingConfig { max_new_tokens: 5, ..Default::default() })?;
+/// let prompts = vec![vec![1, 2, 3], vec![4]];
+/// let completions = policy.sample(&prompts, 2, &mut StdRng::seed_from_u64(1))?;
+/// assert_eq!(completions.len(), 4);
+/// let rows: Vec<&Vec<u32>> = prompts.iter().flat_map(|p| [p, p]).collect();
+/// let lp = policy.log_probs(&rows, &completions)?;
+/// assert_eq!(lp.logp.dims(), &[4, 5]);
+/// # Ok::<(), pgrpo::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LmPolicy {
+    model: Llama,
+    tokenizer: Option<Tokenizer>,
+    sampling: SamplingConfig,
+    entropy: bool,
+}
+
+impl LmPolicy {
+    /// Wraps a model (and optionally its tokenizer) with default sampling.
+    pub fn new(model: Llama, tokenizer: Option<Tokenizer>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            sampling: SamplingConfig::default(),
+            entropy: true,
+        }
+    }
+
+    /// Loads an HF checkpoint directory (`config.json`, safetensors, optional
+    /// `tokenizer.json`) as `f32` on `device`.
+    pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let model = Llama::from_hf_dir(dir, device, DType::F32)?;
+        let tok_path = dir.join(TOKENIZER_FILE);
+        let tokenizer = if tok_path.exists() {
+            Some(tokenizer::load_tokenizer_json(&tok_path)?)
+        } else {
+            None
+        };
+        Ok(Self::new(model, tokenizer))
+    }
+
+    /// Loads a GGUF checkpoint (dequantised to `f32` on `device`) and the tokenizer in its
+    /// metadata, if any.
+    pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let mut file = super::gguf::GgufFile::open(path.as_ref())?;
+        let config = file.config()?;
+        let tokenizer = tokenizer::tokenizer_from_gguf(file.content())?;
+        let tensors = file.hf_tensors(&config)?;
+        let model = Llama::from_tensors(config, tensors, device, DType::F32, path.as_ref())?;
+        Ok(Self::new(model, tokenizer))
+    }
+
+    /// Writes an HF checkpoint directory that [`from_hf_dir`](Self::from_hf_dir) (and
+    /// `transformers`) reads: `config.json`, `model.safetensors`, and `tokenizer.json` when
+    /// the policy has a tokenizer. Each file is written atomically.
+    pub fn save_hf_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        self.model.save_hf_dir(dir)?;
+        if let Some(tok) = &self.tokenizer {
+            tokenizer::save_tokenizer_json(tok, dir.join(TOKENIZER_FILE))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the sampling settings (validated).
+    pub fn with_sampling(mut self, sampling: SamplingConfig) -> Result<Self> {
+        self.set_sampling(sampling)?;
+        Ok(self)
+    }
+
+    /// Replaces the sampling settings (validated).
+    pub fn set_sampling(&mut self, sampling: SamplingConfig) -> Result<()> {
+        sampling.validate()?;
+        self.sampling = sampling;
+        Ok(())
+    }
+
+    /// Whether [`Policy::log_probs`] also returns per-token entropy (default `true`; it
+    /// costs one extra pass over the `(B, C, V)` log-probs).
+    pub fn with_entropy(mut self, entropy: bool) -> Self {
+        self.entropy = entropy;
+        self
+    }
+
+    /// The sampling settings.
+    pub fn sampling(&self) -> &SamplingConfig {
+        &self.sampling
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The tokenizer, if one was loaded or given.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    fn tok(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Tokenizer("this policy has no tokenizer".into()))
+    }
+
+    /// Token ids of `text` (no BOS/EOS added; special tokens in the text are recognised).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        tokenizer::encode(self.tok()?, text)
+    }
+
+    /// Text of `ids`, without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        tokenizer::decode(self.tok()?, ids, true)
+    }
+
+    /// Token ids of a one-turn ChatML prompt for `user`
+    /// (`<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n`).
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        self.encode(&tokenizer::chatml(None, user))
+    }
+
+    fn score(
+        &self,
+        prompts: &[&Vec<u32>],
+        completions: &[Vec<u32>],
+        grad: Grad,
+    ) -> Result<TokenLogProbs> {
+        let p: Vec<&[u32]> = prompts.iter().map(|v| v.as_slice()).collect();
+        let c: Vec<&[u32]> = completions.iter().map(Vec::as_slice).collect();
+        let lp = self.model.token_log_probs(&p, &c, grad, self.entropy)?;
+        if self.model.dtype() == DType::F32 {
+            return Ok(lp);
+        }
+        Ok(TokenLogProbs {
+            logp: lp.logp.to_dtype(DType::F32)?,
+            mask: lp.mask.to_dtype(DType::F32)?,
+            entropy: lp.entropy.map(|e| e.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+}
+
+impl Policy for LmPolicy {
+    type Prompt = Vec<u32>;
+    type Completion = Vec<u32>;
+
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    fn sample(&self, prompts: &[Vec<u32>], n: usize, rng: &mut StdRng) -> Result<Vec<Vec<u32>>> {
+        let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        self.model.generate(&p, n, &self.sampling, rng)
+    }
+
+    fn log_probs(&self, prompts: &[&Vec<u32>], completions: &[Vec<u32>]) -> Result<TokenLogProbs> {
+        self.score(prompts, completions, Grad::Track)
+    }
+
+    fn log_probs_detached(
+        &self,
+        prompts: &[&Vec<u32>],
+        completions: &[Vec<u32>],
+    ) -> Result<TokenLogProbs> {
+        self.score(prompts, completions, Grad::Detached)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.model.vars()
+    }
+
+    fn snapshot(&self) -> Result<Self> {
+        Ok(Self {
+            model: self.model.snapshot()?,
+            tokenizer: self.tokenizer.clone(),
+            sampling: self.sampling.clone(),
+            entropy: self.entropy,
+        })
+    }
+}
