@@ -488,17 +488,16 @@ impl AdvantageConfig {
                 r - mq
             };
             let grpo = || {
-                if centred == 0.0 {
-                    0.0
-                } else {
-                    centred / sd(prompts.variance(q, self.variance).map(f64::sqrt))
-                }
+                ratio(centred, || {
+                    sd(prompts.variance(q, self.variance).map(f64::sqrt))
+                })
             };
+            let batch_z = || ratio(r - batch_m.mean, || batch_den);
             let a = match self.estimator {
                 Estimator::Grpo => grpo(),
-                Estimator::GrpoBatchStd => centred / batch_den,
+                Estimator::GrpoBatchStd => ratio(centred, || batch_den),
                 Estimator::DrGrpo => centred,
-                Estimator::BatchZScore => (r - batch_m.mean) / batch_den,
+                Estimator::BatchZScore => batch_z(),
                 Estimator::Rloo => {
                     let c = prompts.count[q] as f64;
                     if c < 2.0 {
@@ -511,7 +510,7 @@ impl AdvantageConfig {
                     Some((mp, den)) => (r - ((1.0 - lambda) * mq + lambda * mp)) / den,
                     None => match self.pgrpo.cold_start {
                         ColdStart::PerPrompt => grpo(),
-                        ColdStart::Batch => (r - batch_m.mean) / batch_den,
+                        ColdStart::Batch => batch_z(),
                         // Always has a normaliser (set above).
                         ColdStart::HistoryWithBatch => 0.0,
                     },
@@ -618,6 +617,17 @@ impl AdvantageConfig {
         )?;
         let t = Tensor::from_slice(&adv.values, adv.values.len(), rewards.device())?;
         Ok((t, adv))
+    }
+}
+
+/// `num / den()`, but exactly 0 when `num` is 0: a reward equal to its baseline has no
+/// advantage, even where the spread and `eps` are both 0 and the division would give NaN.
+#[inline]
+fn ratio(num: f64, den: impl FnOnce() -> f64) -> f64 {
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den()
     }
 }
 
