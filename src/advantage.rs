@@ -444,18 +444,22 @@ impl AdvantageConfig {
         let mut num_degenerate_prompts = 0usize;
         let mut prompt_degenerate = vec![false; prompt_labels.len()];
         if needs_prompt_spread {
-            for (q, &c) in prompts.count.iter().enumerate() {
-                if c >= 2 {
-                    continue;
+            // Under P-GRPO only prompts with a row that actually falls back need the spread.
+            let mut falls_back = vec![self.estimator != Estimator::PGrpo; prompt_labels.len()];
+            if self.estimator == Estimator::PGrpo {
+                for ((&r, &g), &q) in batch
+                    .rewards
+                    .iter()
+                    .zip(batch.group_ids)
+                    .zip(&prompt_of_row)
+                {
+                    if r.is_finite() && group_norm[g as usize].is_none() {
+                        falls_back[q as usize] = true;
+                    }
                 }
-                // Under P-GRPO only prompts that actually fall back need the spread.
-                let falls_back = self.estimator != Estimator::PGrpo
-                    || (0..n).any(|i| {
-                        prompt_of_row[i] as usize == q
-                            && batch.rewards[i].is_finite()
-                            && group_norm[batch.group_ids[i] as usize].is_none()
-                    });
-                if !falls_back {
+            }
+            for (q, &c) in prompts.count.iter().enumerate() {
+                if c >= 2 || !falls_back[q] {
                     continue;
                 }
                 if c == prompts.total[q] {
