@@ -444,18 +444,22 @@ impl AdvantageConfig {
         let mut num_degenerate_prompts = 0usize;
         let mut prompt_degenerate = vec![false; prompt_labels.len()];
         if needs_prompt_spread {
-            for (q, &c) in prompts.count.iter().enumerate() {
-                if c >= 2 {
-                    continue;
+            // Under P-GRPO only prompts with a row that actually falls back need the spread.
+            let mut falls_back = vec![self.estimator != Estimator::PGrpo; prompt_labels.len()];
+            if self.estimator == Estimator::PGrpo {
+                for ((&r, &g), &q) in batch
+                    .rewards
+                    .iter()
+                    .zip(batch.group_ids)
+                    .zip(&prompt_of_row)
+                {
+                    if r.is_finite() && group_norm[g as usize].is_none() {
+                        falls_back[q as usize] = true;
+                    }
                 }
-                // Under P-GRPO only prompts that actually fall back need the spread.
-                let falls_back = self.estimator != Estimator::PGrpo
-                    || (0..n).any(|i| {
-                        prompt_of_row[i] as usize == q
-                            && batch.rewards[i].is_finite()
-                            && group_norm[batch.group_ids[i] as usize].is_none()
-                    });
-                if !falls_back {
+            }
+            for (q, &c) in prompts.count.iter().enumerate() {
+                if c >= 2 || !falls_back[q] {
                     continue;
                 }
                 if c == prompts.total[q] {
@@ -488,17 +492,16 @@ impl AdvantageConfig {
                 r - mq
             };
             let grpo = || {
-                if centred == 0.0 {
-                    0.0
-                } else {
-                    centred / sd(prompts.variance(q, self.variance).map(f64::sqrt))
-                }
+                ratio(centred, || {
+                    sd(prompts.variance(q, self.variance).map(f64::sqrt))
+                })
             };
+            let batch_z = || ratio(r - batch_m.mean, || batch_den);
             let a = match self.estimator {
                 Estimator::Grpo => grpo(),
-                Estimator::GrpoBatchStd => centred / batch_den,
+                Estimator::GrpoBatchStd => ratio(centred, || batch_den),
                 Estimator::DrGrpo => centred,
-                Estimator::BatchZScore => (r - batch_m.mean) / batch_den,
+                Estimator::BatchZScore => batch_z(),
                 Estimator::Rloo => {
                     let c = prompts.count[q] as f64;
                     if c < 2.0 {
@@ -511,7 +514,7 @@ impl AdvantageConfig {
                     Some((mp, den)) => (r - ((1.0 - lambda) * mq + lambda * mp)) / den,
                     None => match self.pgrpo.cold_start {
                         ColdStart::PerPrompt => grpo(),
-                        ColdStart::Batch => (r - batch_m.mean) / batch_den,
+                        ColdStart::Batch => batch_z(),
                         // Always has a normaliser (set above).
                         ColdStart::HistoryWithBatch => 0.0,
                     },
@@ -618,6 +621,17 @@ impl AdvantageConfig {
         )?;
         let t = Tensor::from_slice(&adv.values, adv.values.len(), rewards.device())?;
         Ok((t, adv))
+    }
+}
+
+/// `num / den()`, but exactly 0 when `num` is 0: a reward equal to its baseline has no
+/// advantage, even where the spread and `eps` are both 0 and the division would give NaN.
+#[inline]
+fn ratio(num: f64, den: impl FnOnce() -> f64) -> f64 {
+    if num == 0.0 {
+        0.0
+    } else {
+        num / den()
     }
 }
 

@@ -29,7 +29,7 @@ use crate::GroupKey;
 
 /// How a group's statistics weigh its past rewards.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HistoryKind {
     /// Every reward ever seen counts equally (Welford). The paper's choice. Default.
     #[default]
