@@ -156,6 +156,18 @@ impl TrainerConfig {
         if self.max_steps == Some(0) {
             bail_config!("max_steps", "must be at least 1");
         }
+        if let HistoryKind::Window { size } = self.history {
+            if self.advantage.estimator == Estimator::PGrpo
+                && (size as u64) < self.advantage.pgrpo.min_count
+            {
+                bail_config!(
+                    "pgrpo.min_count",
+                    "a window of {size} rewards never reaches min_count = {}: P-GRPO would never use \
+                     the history",
+                    self.advantage.pgrpo.min_count
+                );
+            }
+        }
         self.advantage.validate()?;
         self.history.validate()?;
         self.objective.validate()?;

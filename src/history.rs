@@ -561,6 +561,26 @@ impl RewardHistory {
                     g.weight, g.count
                 )));
             }
+            match s.kind {
+                HistoryKind::Cumulative if g.weight != g.count as f64 || g.count != g.seen => {
+                    return Err(bad(format!(
+                        "cumulative statistics need weight = count = seen, got weight {}, count {}, seen {}",
+                        g.weight, g.count, g.seen
+                    )));
+                }
+                HistoryKind::Exponential { half_life } => {
+                    // The weights 1, d, d², … of `count` rewards sum to at most 1 / (1 − d).
+                    let bound = 1.0 / (1.0 - s.kind.decay());
+                    if g.count != g.seen || g.weight > bound * (1.0 + 1e-9) + 1e-9 {
+                        return Err(bad(format!(
+                            "exponential statistics (half-life {half_life}) need count = seen and \
+                             weight <= {bound}, got weight {}, count {}, seen {}",
+                            g.weight, g.count, g.seen
+                        )));
+                    }
+                }
+                _ => {}
+            }
             let window: VecDeque<f64> = match (s.kind, g.window) {
                 (HistoryKind::Window { size }, Some(w)) => {
                     if w.len() > size || w.len() as u64 > g.seen || w.len() as u64 != g.count {

@@ -627,6 +627,29 @@ fn malformed_json_is_a_typed_error() {
             }),
         ),
         (
+            "cumulative weight < count",
+            edited(&cum, |v| {
+                let c = v["groups"][0]["count"].as_f64().unwrap();
+                v["groups"][0]["weight"] = json!(c - 0.5);
+            }),
+        ),
+        (
+            "cumulative count < seen",
+            edited(&cum, |v| {
+                let s = v["groups"][0]["seen"].as_u64().unwrap();
+                v["groups"][0]["seen"] = json!(s + 5);
+            }),
+        ),
+        (
+            "exponential weight above 1/(1-d)",
+            edited(
+                &populated(HistoryKind::Exponential { half_life: 2.0 }),
+                |v| {
+                    v["groups"][0]["weight"] = json!(3.5);
+                },
+            ),
+        ),
+        (
             "count > seen",
             edited(&cum, |v| {
                 let s = v["groups"][0]["seen"].as_u64().unwrap();

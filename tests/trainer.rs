@@ -364,6 +364,9 @@ fn bad_configs_and_inputs_are_typed_errors() {
     c.history = HistoryKind::Window { size: 0 };
     assert_eq!(field_of(new(c).map(|_| ())), "history.size");
     let mut c = cfg(Estimator::PGrpo);
+    c.history = HistoryKind::Window { size: 4 }; // can never reach min_count = 8
+    assert_eq!(field_of(new(c).map(|_| ())), "pgrpo.min_count");
+    let mut c = cfg(Estimator::PGrpo);
     c.advantage.pgrpo.offset_weight = 2.0;
     assert_eq!(field_of(new(c).map(|_| ())), "pgrpo.offset_weight");
 
