@@ -17,7 +17,7 @@ pub mod objective;
 pub mod optim;
 pub mod policy;
 mod reward;
-mod trainer;
+pub mod trainer;
 
 pub use advantage::{
     AdvantageConfig, AdvantageDiagnostics, Advantages, BatchDeltas, ColdStart, Estimator,

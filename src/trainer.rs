@@ -3,7 +3,7 @@
 //! One step (DeepSeekMath's Algorithm 1 with P-GRPO's advantage):
 //! 1. sample `G` completions per prompt from the current policy (`π_old`);
 //! 2. score each with the [`RewardFn`] (prompt, completion, preference group);
-//! 3. turn rewards into advantages ([`AdvantageConfig::compute`]) — with P-GRPO, against each
+//! 3. turn rewards into advantages ([`AdvantageConfig::compute`](crate::AdvantageConfig::compute)) — with P-GRPO, against each
 //!    preference group's [`RewardHistory`];
 //! 4. `num_iterations` times: per-token log-probs → [`clipped_objective`] → backward →
 //!    global-norm clipping → optimizer step;
