@@ -205,7 +205,10 @@ pub struct RolloutRewards<'a> {
     pub prompt_ids: &'a [u32],
     /// `(N,)` preference group of each row, an index into `group_keys`.
     pub group_ids: &'a [u32],
-    /// The group labels; `group_ids` index into this.
+    /// The group labels; `group_ids` index into this. Keys should be distinct: a repeated
+    /// key is treated as separate groups within the batch and folded into the history once
+    /// per copy, in key order (exact for cumulative statistics; for exponential and window
+    /// statistics the rows of the later copy count as newer).
     pub group_keys: &'a [GroupKey],
 }
 
@@ -294,6 +297,16 @@ impl RewardHistory {
 }
 
 impl AdvantageConfig {
+    /// Whether some rows may need their prompt's own spread, i.e. at least 2 completions per
+    /// prompt: GRPO and RLOO always, P-GRPO during a [`ColdStart::PerPrompt`] cold start.
+    pub fn needs_prompt_spread(&self) -> bool {
+        match self.estimator {
+            Estimator::Grpo | Estimator::Rloo => true,
+            Estimator::PGrpo => self.pgrpo.cold_start == ColdStart::PerPrompt,
+            _ => false,
+        }
+    }
+
     /// Checks every field.
     ///
     /// # Errors
@@ -394,11 +407,7 @@ impl AdvantageConfig {
             }
         }
 
-        let needs_prompt_spread = match self.estimator {
-            Estimator::Grpo | Estimator::Rloo => true,
-            Estimator::PGrpo => self.pgrpo.cold_start == ColdStart::PerPrompt,
-            _ => false,
-        };
+        let needs_prompt_spread = self.needs_prompt_spread();
         let sd = |v: Option<f64>| v.unwrap_or(0.0).max(self.std_floor as f64) + self.eps as f64;
         let batch_den = sd(batch_m.variance(self.variance).map(f64::sqrt));
         if matches!(

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::bail_config;
 use crate::optim::LrScheduler;
-use crate::{AdvantageConfig, ColdStart, Estimator, HistoryKind, ObjectiveConfig, Result};
+use crate::{AdvantageConfig, Estimator, HistoryKind, ObjectiveConfig, Result};
 
 /// Configuration of a [`Trainer`](crate::Trainer).
 ///
@@ -100,12 +100,7 @@ impl TrainerConfig {
         if self.num_generations == 0 {
             bail_config!("num_generations", "must be at least 1");
         }
-        let needs_spread = match self.advantage.estimator {
-            Estimator::Grpo | Estimator::Rloo => true,
-            Estimator::PGrpo => self.advantage.pgrpo.cold_start == ColdStart::PerPrompt,
-            _ => false,
-        };
-        if needs_spread && self.num_generations < 2 {
+        if self.advantage.needs_prompt_spread() && self.num_generations < 2 {
             bail_config!(
                 "num_generations",
                 "the {} estimator needs at least 2 completions per prompt, got 1 (P-GRPO with \
