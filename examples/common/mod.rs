@@ -32,7 +32,7 @@ pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     let style = ProgressStyle::with_template(
-        "{bar:30.cyan/blue} {pos}/{len} steps  {per_sec:>9}  ETA {eta:>4}  {msg}",
+        "{bar:30.cyan/blue} {pos}/{len} steps  {elapsed} elapsed, ETA {eta}  {msg}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
