@@ -14,23 +14,47 @@
 //!
 //! `p_grpo_shuffled` is the paper's ablation: P-GRPO with random group labels (drawn with the
 //! same frequencies, independent of the true group).
+//!
+//! Outputs, next to `--out` (default `runs/grpo_vs_pgrpo.csv`, the curves):
+//! - `<out>.svg` and `<out>.png`: each group's curve per estimator of `--plot-estimators`,
+//!   mean and 95% band over seeds, one row of panels per `G`;
+//! - `<out>.metrics.jsonl` and `<out>.metrics.csv`: the trainer's metrics every `--log-every`
+//!   steps of every run (labels `g`, `estimator`, `seed`), plus `eval/<g>/fraction_of_optimum`;
+//! - `<out>.config.toml`: the effective settings, also printed at start.
+//!
+//! Settings come from flags and/or a TOML or JSON file (`--config run.toml`, keys = flag names
+//! with `_`); flags win. `--quiet` hides the progress bar (hidden anyway when stdout is not a
+//! terminal); `RUST_LOG=pgrpo=debug` logs every trainer step to stderr.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::Device;
 use clap::Parser;
+use common::plot::{band_over_runs, Figure, Panel};
+use common::{mean_ci, InOrder};
+use indicatif::ProgressBar;
 use pgrpo::bandit::PreferenceBandit;
-use pgrpo::{Estimator, GroupKey, GroupedPrompt, HistoryKind, Trainer, TrainerConfig};
+use pgrpo::sink::{standard_columns, CsvSink, JsonlSink, MetricsSink};
+use pgrpo::{Estimator, GroupKey, GroupedPrompt, HistoryKind, StepMetrics, Trainer, TrainerConfig};
 use rand::{rngs::StdRng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Debug, Clone, Serialize, Deserialize)]
 #[command(about = "GRPO vs P-GRPO on a heterogeneous-preference contextual bandit")]
+#[serde(deny_unknown_fields)]
 struct Args {
+    /// A TOML or JSON file of settings (keys = flag names with `_`); flags given on the
+    /// command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Completions per prompt (G), comma-separated: one experiment per value. P-GRPO's edge
     /// over GRPO depends on G, so the default runs three.
     #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
@@ -84,6 +108,24 @@ struct Args {
     /// Worker threads (runs are independent; results do not depend on this).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Estimators drawn in the plot (`<out>.svg`, `<out>.png`); empty: no plot.
+    #[arg(long, value_delimiter = ',', default_value = "grpo,p_grpo")]
+    plot_estimators: Vec<String>,
+    /// Write the trainer's metrics every this many steps (and at the last step).
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `runs/x.csv` → `runs/x.<suffix>`.
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out.file_stem().map_or_else(
+        || "grpo_vs_pgrpo".into(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    out.with_file_name(format!("{stem}.{suffix}"))
 }
 
 /// One estimator as run by the experiment.
@@ -101,6 +143,12 @@ struct RunResult {
     seed: u64,
     curves: Vec<Vec<f64>>,
     secs: f64,
+}
+
+/// What one run produces: its curves and the metric rows to log.
+struct RunOutput {
+    curves: Vec<Vec<f64>>,
+    rows: Vec<StepMetrics>,
 }
 
 fn parse_history(s: &str) -> Result<HistoryKind, Box<dyn std::error::Error>> {
@@ -128,7 +176,8 @@ fn run(
     g: usize,
     arm: &Arm,
     seed: u64,
-) -> pgrpo::Result<Vec<Vec<f64>>> {
+    bar: &ProgressBar,
+) -> pgrpo::Result<RunOutput> {
     let mut cfg = TrainerConfig {
         num_generations: g,
         learning_rate: args.lr,
@@ -145,7 +194,8 @@ fn run(
     let mut data_rng = StdRng::seed_from_u64(seed.wrapping_mul(104_729) + 3);
     let mut label_rng = StdRng::seed_from_u64(seed.wrapping_mul(15_485_863) + 5);
     let mut curves = vec![bandit.evaluate(trainer.policy())?];
-    for _ in 0..args.steps {
+    let mut rows = Vec::new();
+    for step in 0..args.steps {
         let groups = bandit.sample_groups(args.prompts, &mut data_rng);
         let labels = if arm.shuffled {
             bandit.sample_groups(args.prompts, &mut label_rng)
@@ -157,33 +207,25 @@ fn run(
             .zip(&labels)
             .map(|(&g, &l)| GroupedPrompt::new(g, GroupKey::Name(format!("g{l}"))))
             .collect();
-        trainer.step(&batch)?;
-        curves.push(bandit.evaluate(trainer.policy())?);
+        let mut m = trainer.step(&batch)?;
+        let eval = bandit.evaluate(trainer.policy())?;
+        bar.inc(1);
+        if step % 16 == 0 {
+            bar.set_message(format!(
+                "{} G={g} seed {seed}: reward {:.3}",
+                arm.name,
+                m.reward()
+            ));
+        }
+        if step % args.log_every.max(1) == 0 || step + 1 == args.steps {
+            for (k, v) in eval.iter().enumerate() {
+                m.set(format!("eval/g{k}/fraction_of_optimum"), *v);
+            }
+            rows.push(m);
+        }
+        curves.push(eval);
     }
-    Ok(curves)
-}
-
-/// Two-sided 95% Student-t quantile for `n - 1` degrees of freedom.
-fn t95(n: usize) -> f64 {
-    const T: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
-    match n {
-        0 | 1 => f64::NAN,
-        2..=11 => T[n - 2],
-        12..=30 => 2.1,
-        _ => 1.96,
-    }
-}
-
-fn mean_ci(v: &[f64]) -> (f64, f64) {
-    let n = v.len();
-    let mean = v.iter().sum::<f64>() / n as f64;
-    if n < 2 {
-        return (mean, f64::NAN);
-    }
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    (mean, t95(n) * (var / n as f64).sqrt())
+    Ok(RunOutput { curves, rows })
 }
 
 fn print_group_table(
@@ -283,7 +325,8 @@ fn print_paired_summary(results: &[RunResult], arms: &[Arm], args: &Args, groups
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    common::init_logging();
+    let args: Args = common::config::parse()?;
     let bandit = PreferenceBandit::new(
         args.frequencies.clone(),
         args.scales.clone(),
@@ -311,6 +354,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("--g, --steps, --seeds and --prompts must be at least 1".into());
     }
     println!("# GRPO vs P-GRPO on a preference bandit");
+    common::config::print_and_save(&args, &sibling(&args.out, "config.toml"))?;
     println!(
         "groups: {} (frequencies {:?}, reward scales {:?}), {} actions, noise {}",
         bandit.num_groups(),
@@ -324,11 +368,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.g, args.prompts, args.steps, args.seeds, args.lr, history, args.offset_weight, args.min_count
     );
 
+    // Metric sinks: every run's rows, labelled, in job order.
+    let groups: Vec<GroupKey> = (0..bandit.num_groups())
+        .map(|k| GroupKey::Name(format!("g{k}")))
+        .collect();
+    let mut columns = standard_columns(&groups);
+    columns.extend((0..bandit.num_groups()).map(|k| format!("eval/g{k}/fraction_of_optimum")));
+    let labels = ["g", "estimator", "seed"];
+    let jsonl_path = sibling(&args.out, "metrics.jsonl");
+    let csv_path = sibling(&args.out, "metrics.csv");
+    let sinks: Vec<Box<dyn MetricsSink + Send>> = vec![
+        Box::new(JsonlSink::create(&jsonl_path)?),
+        Box::new(CsvSink::create(&csv_path, &labels, columns)?),
+    ];
+    let sinks = Mutex::new(sinks);
+    let order: Mutex<InOrder<(usize, Vec<StepMetrics>)>> = Mutex::new(InOrder::default());
+
     let jobs: Vec<(usize, usize, u64)> = args
         .g
         .iter()
         .flat_map(|&g| (0..arms.len()).flat_map(move |a| (0..args.seeds).map(move |s| (g, a, s))))
         .collect();
+    let bar = common::progress_bar((jobs.len() * args.steps) as u64, args.quiet);
     let next = Mutex::new(0usize);
     let results: Mutex<Vec<RunResult>> = Mutex::new(Vec::new());
     let failure: Mutex<Option<String>> = Mutex::new(None);
@@ -336,33 +397,58 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::thread::scope(|scope| {
         for _ in 0..args.threads.max(1) {
             scope.spawn(|| loop {
-                let job = {
+                let index = {
                     let mut n = next.lock().expect("job counter");
-                    let j = jobs.get(*n).copied();
+                    let i = *n;
                     *n += 1;
-                    j
+                    i
                 };
-                let Some((g, a, seed)) = job else { break };
+                let Some(&(g, a, seed)) = jobs.get(index) else {
+                    break;
+                };
+                if failure.lock().expect("failure").is_some() {
+                    break;
+                }
                 let t = Instant::now();
-                match run(&args, &bandit, history, g, &arms[a], seed) {
-                    Ok(curves) => results.lock().expect("results").push(RunResult {
-                        g,
-                        arm: a,
-                        seed,
-                        curves,
-                        secs: t.elapsed().as_secs_f64(),
-                    }),
-                    Err(e) => {
-                        *failure.lock().expect("failure") =
-                            Some(format!("{} G={g} seed {seed}: {e}", arms[a].name));
-                    }
+                let outcome =
+                    run(&args, &bandit, history, g, &arms[a], seed, &bar).and_then(|out| {
+                        let secs = t.elapsed().as_secs_f64();
+                        order.lock().expect("order").push(
+                            index,
+                            (index, out.rows),
+                            |(i, rows)| {
+                                let (g, a, seed) = jobs[i];
+                                let (g, seed) = (g.to_string(), seed.to_string());
+                                let labels = [
+                                    ("g", g.as_str()),
+                                    ("estimator", arms[a].name.as_str()),
+                                    ("seed", seed.as_str()),
+                                ];
+                                let mut sinks = sinks.lock().expect("sinks");
+                                rows.iter().try_for_each(|m| sinks.write_row(&labels, m))
+                            },
+                        )?;
+                        results.lock().expect("results").push(RunResult {
+                            g,
+                            arm: a,
+                            seed,
+                            curves: out.curves,
+                            secs,
+                        });
+                        Ok(())
+                    });
+                if let Err(e) = outcome {
+                    *failure.lock().expect("failure") =
+                        Some(format!("{} G={g} seed {seed}: {e}", arms[a].name));
                 }
             });
         }
     });
+    bar.finish_and_clear();
     if let Some(e) = failure.into_inner()? {
         return Err(e.into());
     }
+    sinks.into_inner()?.flush()?;
     let mut results = results.into_inner()?;
     results.sort_by_key(|r| (r.g, r.arm, r.seed));
     let wall = t0.elapsed().as_secs_f64();
@@ -371,7 +457,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = args.out.parent() {
         fs::create_dir_all(dir)?;
     }
-    let mut csv = fs::File::create(&args.out)?;
+    let mut csv = std::io::BufWriter::new(fs::File::create(&args.out)?);
     writeln!(csv, "g,estimator,seed,step,group,fraction_of_optimum")?;
     for r in &results {
         for (step, row) in r.curves.iter().enumerate() {
@@ -384,6 +470,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    csv.flush()?;
 
     // Per-group table.
     let checkpoints: Vec<usize> = {
@@ -415,13 +502,86 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     print_paired_summary(&results, &arms, &args, bandit.num_groups());
+
+    let mut outputs = vec![
+        format!("curves {}", args.out.display()),
+        format!(
+            "metrics {} and {}",
+            jsonl_path.display(),
+            csv_path.display()
+        ),
+    ];
+    if let Some(fig) = figure(&args, &arms, &results, &bandit) {
+        let (svg, png) = (sibling(&args.out, "svg"), sibling(&args.out, "png"));
+        fig.write_svg(&svg)?;
+        fig.write_png(&png)?;
+        outputs.push(format!("plots {} and {}", svg.display(), png.display()));
+    }
     let secs: f64 = results.iter().map(|r| r.secs).sum();
     println!(
-        "\n{} runs × {} steps in {wall:.1} s wall ({:.2} ms per step per run); curves: {}",
+        "\n{} runs × {} steps in {wall:.1} s wall ({:.2} ms per step per run)\n{}",
         results.len(),
         args.steps,
         1e3 * secs / (results.len() * args.steps) as f64,
-        args.out.display()
+        outputs.join("\n")
     );
     Ok(())
+}
+
+/// One row of panels per `G`, one panel per group: each plotted estimator's fraction of
+/// optimum, mean and 95% band over seeds. `None` when no plotted estimator was run.
+fn figure(
+    args: &Args,
+    arms: &[Arm],
+    results: &[RunResult],
+    bandit: &PreferenceBandit,
+) -> Option<Figure> {
+    let plotted: Vec<usize> = args
+        .plot_estimators
+        .iter()
+        .filter_map(|name| arms.iter().position(|a| &a.name == name))
+        .collect();
+    if plotted.is_empty() {
+        return None;
+    }
+    // At most ~100 points per curve keeps the SVG small.
+    let stride = (args.steps / 100).max(1);
+    let idx: Vec<usize> = (0..=args.steps).step_by(stride).collect();
+    let steps: Vec<f64> = idx.iter().map(|&i| i as f64).collect();
+    let mut panels = Vec::new();
+    for &gsize in &args.g {
+        for k in 0..bandit.num_groups() {
+            let bands = plotted
+                .iter()
+                .enumerate()
+                .map(|(color, &a)| {
+                    let runs: Vec<Vec<f64>> = results
+                        .iter()
+                        .filter(|r| r.g == gsize && r.arm == a)
+                        .map(|r| idx.iter().map(|&i| r.curves[i][k]).collect())
+                        .collect();
+                    band_over_runs(&arms[a].name, color, &steps, &runs)
+                })
+                .collect();
+            panels.push(Panel {
+                title: format!(
+                    "G = {gsize}, group g{k} ({:.0}% of prompts, scale {})",
+                    100.0 * args.frequencies[k],
+                    args.scales[k]
+                ),
+                bands,
+            });
+        }
+    }
+    Some(Figure {
+        title: format!(
+            "Fraction of each group's optimum, mean and 95% band over {} seeds",
+            args.seeds
+        ),
+        x_label: "step".into(),
+        y_label: "fraction of optimum".into(),
+        rows: args.g.len(),
+        cols: bandit.num_groups(),
+        panels,
+    })
 }

@@ -31,6 +31,48 @@ use crate::history::{GroupDelta, HistoryKind, RunningMoments, Variance};
 use crate::{GroupKey, RewardHistory};
 
 /// Which statistics normalise a reward. See the [module docs](self) for the formulas.
+///
+/// Every estimator on one batch: two prompts with `G = 3` completions each, prompt 0 in
+/// preference group `a` (rewards 1, 0, 0.5), prompt 1 in group `b` (0.2, 0.2, 0.8), and a
+/// history of 8 earlier rewards per group (`a`: mean 0.5, std 0.53; `b`: mean 0.2, std 0.11).
+/// Advantages rounded to 3 decimals (the default `eps = 1e-4` is in every denominator):
+///
+/// ```
+/// use pgrpo::{AdvantageConfig, Estimator, GroupKey, RewardHistory, RolloutRewards};
+///
+/// let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
+/// let batch = RolloutRewards {
+///     rewards: &[1.0, 0.0, 0.5, 0.2, 0.2, 0.8],
+///     prompt_ids: &[0, 0, 0, 1, 1, 1],
+///     group_ids: &[0, 0, 0, 1, 1, 1],
+///     group_keys: &keys,
+/// };
+/// let mut history = RewardHistory::default();
+/// history.update("a", &[0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])?; // mean 0.5, std 0.535
+/// history.update("b", &[0.1, 0.3, 0.1, 0.3, 0.1, 0.3, 0.1, 0.3])?; // mean 0.2, std 0.107
+///
+/// let expected: [(Estimator, [f32; 6]); 6] = [
+///     // (R − μ_q) / σ_q: prompt 0 has μ 0.5, σ 0.5; prompt 1 has μ 0.4, σ 0.346.
+///     (Estimator::Grpo, [1.0, -1.0, 0.0, -0.577, -0.577, 1.154]),
+///     // (R − μ_q) / σ_batch, σ_batch = 0.389.
+///     (Estimator::GrpoBatchStd, [1.286, -1.286, 0.0, -0.515, -0.515, 1.029]),
+///     // R − μ_q.
+///     (Estimator::DrGrpo, [0.5, -0.5, 0.0, -0.2, -0.2, 0.4]),
+///     // (R − μ_batch) / σ_batch, μ_batch = 0.45.
+///     (Estimator::BatchZScore, [1.415, -1.158, 0.129, -0.643, -0.643, 0.9]),
+///     // R − mean of the prompt's other completions.
+///     (Estimator::Rloo, [0.75, -0.75, 0.0, -0.3, -0.3, 0.6]),
+///     // (R − μ_p) / σ_p from each group's history: 0.8 is exceptional for group b.
+///     (Estimator::PGrpo, [0.935, -0.935, 0.0, 0.0, 0.0, 5.607]),
+/// ];
+/// for (estimator, want) in expected {
+///     let cfg = AdvantageConfig { estimator, ..Default::default() };
+///     let adv = cfg.compute(&batch, &history)?;
+///     let rounded: Vec<f32> = adv.values.iter().map(|a| (a * 1000.0).round() / 1000.0).collect();
+///     assert_eq!(rounded, want, "{}", estimator.name());
+/// }
+/// # Ok::<(), pgrpo::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Estimator {

@@ -148,6 +148,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A line of a data file (e.g. MovieLens `ratings.dat`) is malformed; `line` is 1-based.
+    ///
+    /// ```text
+    /// ml-1m/ratings.dat:17: expected 4 `::`-separated fields (UserID::MovieID::Rating::Timestamp), found 3
+    /// ```
+    #[error("{}:{line}: {reason}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
     /// A checkpoint tensor's shape does not match the model config.
     ///
     /// ```text

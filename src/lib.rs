@@ -1,8 +1,83 @@
 //! # pgrpo — Personalized Group Relative Policy Optimization on candle
 //!
-//! GRPO normalises each completion's reward against the other completions sampled for the same
-//! prompt. P-GRPO (arXiv:2603.10009) labels every prompt with a preference group and
-//! normalises against that group's reward history kept across training steps.
+//! GRPO (DeepSeekMath) normalises each completion's reward against the other completions
+//! sampled for the same prompt. P-GRPO (Wang et al., arXiv:2603.10009) labels every prompt with
+//! a **preference group** (a persona, a user cluster, an age bracket) and normalises against
+//! that group's reward history, kept across training steps, so that small or rare groups are
+//! not drowned out by the majority. This crate implements both, and the GRPO variants people
+//! use (Dr. GRPO, RLOO, DAPO's clip-higher and token-level loss, GSPO), on
+//! [candle](https://github.com/huggingface/candle) tensors.
+//!
+//! # Quick start
+//!
+//! Train a two-group bandit policy with P-GRPO and log every step's metrics as JSON Lines:
+//!
+//! ```
+//! use candle_core::Device;
+//! use pgrpo::sink::{JsonlSink, MetricsSink};
+//! use pgrpo::{models::TabularPolicy, Estimator, GroupKey, GroupedPrompt, Trainer, TrainerConfig};
+//!
+//! // A policy: anything that implements `pgrpo::Policy`. Here: context id -> one of 3 actions.
+//! let policy = TabularPolicy::new(2, 3, true, &Device::Cpu)?;
+//! // A reward function sees the prompt, the completion and the prompt's preference group:
+//! // group "formal" (context 0) wants action 0, group "casual" (context 1) wants action 1.
+//! let reward = |ctx: &u32, action: &u32, _group: &GroupKey| (*action == *ctx) as u8 as f32;
+//! let mut cfg = TrainerConfig { num_generations: 4, learning_rate: 0.1, ..Default::default() };
+//! cfg.advantage.estimator = Estimator::PGrpo; // the default; or Grpo, DrGrpo, Rloo, ...
+//! let mut trainer = Trainer::new(policy, reward, cfg)?;
+//!
+//! let mut log = JsonlSink::new(Vec::new()); // or JsonlSink::create("runs/metrics.jsonl")?
+//! let batch = [GroupedPrompt::new(0u32, "formal"), GroupedPrompt::new(1u32, "casual")];
+//! for _ in 0..40 {
+//!     let metrics = trainer.step(&batch)?;
+//!     log.write_row(&[("estimator", "p_grpo")], &metrics)?;
+//! }
+//! // Each group has learned its own action, and its reward history holds 40 × 4 rewards.
+//! let probs = trainer.policy().probs()?;
+//! assert!(probs[0][0] > 0.6 && probs[1][1] > 0.6);
+//! let casual = trainer.history().stats(&"casual".into()).unwrap();
+//! assert_eq!(casual.n, 160);
+//! assert_eq!(String::from_utf8(log.into_inner()?).unwrap().lines().count(), 40);
+//! # Ok::<(), pgrpo::Error>(())
+//! ```
+//!
+//! # Where things are
+//!
+//! | module | what |
+//! |---|---|
+//! | [`advantage`] | the estimators: rewards (+ history) → advantages, pure functions |
+//! | [`history`] | per-group reward statistics kept across steps ([`RewardHistory`]) |
+//! | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs |
+//! | [`policy`] | the [`Policy`] trait a model implements |
+//! | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
+//! | [`metrics`], [`sink`] | [`StepMetrics`] and where they go (JSON Lines, CSV) |
+//! | [`models`], [`lm`] | bandit policies (tabular, MLP) and a trainable Llama-family LM |
+//! | [`bandit`], [`movielens`] | the preference bandit and the MovieLens-1M next-genre task of the examples |
+//! | [`trl`] | TRL `GRPOConfig` fields and their pgrpo equivalents, for people coming from Python |
+//!
+//! # Logging
+//!
+//! The library logs through [`tracing`](https://docs.rs/tracing) and is silent unless the
+//! application installs a subscriber. [`Trainer::step`] emits one `DEBUG` event per step
+//! (target `pgrpo::trainer`: step, reward, loss, grad norm); sinks warn about metrics they
+//! drop. The examples install `tracing-subscriber` with `RUST_LOG` (e.g.
+//! `RUST_LOG=pgrpo=debug`).
+//!
+//! # Cargo features
+//!
+//! - `cuda`: passes `cuda` through to candle (needs the CUDA toolkit to build); tensors follow
+//!   the policy's [`Device`](candle_core::Device).
+//! - `metal`: passes `metal` through to candle (macOS only).
+//!
+//! Neither is on by default and neither is compiled by this repository's CI, which runs on a
+//! Linux machine without a CUDA toolkit.
+//!
+//! # Minimum supported Rust version
+//!
+//! The `rust-version` of `Cargo.toml` (1.89). Dependencies, with `Cargo.lock` as committed,
+//! declare no higher version; see `scripts/check-msrv.py` for what that check proves.
+
+#![deny(missing_docs)]
 
 pub mod advantage;
 pub mod bandit;
@@ -13,11 +88,14 @@ pub mod history;
 pub mod lm;
 pub mod metrics;
 pub mod models;
+pub mod movielens;
 pub mod objective;
 pub mod optim;
 pub mod policy;
 mod reward;
+pub mod sink;
 pub mod trainer;
+pub mod trl;
 
 pub use advantage::{
     AdvantageConfig, AdvantageDiagnostics, Advantages, BatchDeltas, ColdStart, Estimator,
@@ -36,4 +114,5 @@ pub use objective::{
 pub use optim::LrScheduler;
 pub use policy::{Policy, TokenLogProbs};
 pub use reward::{RewardFn, WeightedRewards};
+pub use sink::{CsvSink, JsonlSink, MetricsSink};
 pub use trainer::{step_rng, GroupedPrompt, Rollout, Trainer};

@@ -15,14 +15,64 @@
 //! | `learning_rate` | the rate used this step |
 //! | `advantage/mean`, `advantage/std` | over the batch's rows |
 //! | `num_missing_rewards` | rows with a non-finite reward treated as missing |
+//! | `skipped_update` | 1 when the step had nothing to learn from and skipped the optimizer, else 0 |
 //! | `group/<g>/reward_mean`, `group/<g>/advantage_mean`, `group/<g>/count` | per preference group in this batch |
 //! | `history/<g>/mean`, `history/<g>/std`, `history/<g>/n` | the group's history after this step |
 //!
 //! Objective metrics are averaged over the step's `num_iterations` updates.
+//!
+//! [`GLOBAL_NAMES`] and [`group_names`] list these names, e.g. to declare the columns of a
+//! [`CsvSink`](crate::sink::CsvSink) before the first step.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::GroupKey;
+
+/// The batch-level metric names a [`Trainer`](crate::Trainer) step can report, in table order.
+/// A step leaves out the ones that do not apply (e.g. `entropy` when the policy reports none,
+/// the objective metrics when the update was skipped).
+pub const GLOBAL_NAMES: [&str; 18] = [
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "policy_loss",
+    "loss",
+    "kl",
+    "approx_kl",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "entropy",
+    "completions/mean_length",
+    "grad_norm",
+    "learning_rate",
+    "advantage/mean",
+    "advantage/std",
+    "num_missing_rewards",
+    "skipped_update",
+];
+
+/// The six per-group metric names of preference group `group`: `group/<g>/reward_mean`,
+/// `group/<g>/advantage_mean`, `group/<g>/count`, `history/<g>/mean`, `history/<g>/std`,
+/// `history/<g>/n`.
+///
+/// ```
+/// let names = pgrpo::metrics::group_names(&"formal".into());
+/// assert_eq!(names[0], "group/formal/reward_mean");
+/// assert_eq!(names[5], "history/formal/n");
+/// ```
+pub fn group_names(group: &GroupKey) -> [String; 6] {
+    [
+        format!("group/{group}/reward_mean"),
+        format!("group/{group}/advantage_mean"),
+        format!("group/{group}/count"),
+        format!("history/{group}/mean"),
+        format!("history/{group}/std"),
+        format!("history/{group}/n"),
+    ]
+}
 
 /// The metrics of one step: a step number and named values.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -466,6 +466,14 @@ where
             m.timings.insert((*name).to_owned(), *t);
         }
         m.timings.insert("update".to_owned(), t_update);
+        tracing::debug!(
+            step = m.step,
+            reward = m.reward(),
+            loss = m.get("loss"),
+            grad_norm = last_grad_norm,
+            skipped = skip,
+            "pgrpo step"
+        );
         self.step += 1;
         Ok(m)
     }

@@ -301,7 +301,7 @@ fn missing_rewards_are_skipped_when_asked() {
     let mut calls = 0usize;
     let reward = move |_p: &u32, a: &u32, _g: &GroupKey| {
         calls += 1;
-        if calls % 3 == 0 {
+        if calls.is_multiple_of(3) {
             f32::INFINITY
         } else {
             *a as f32

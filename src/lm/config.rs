@@ -229,14 +229,14 @@ impl LlamaConfig {
             }
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             bail_config!(
                 "num_key_value_heads",
                 "must divide num_attention_heads = {}, got {kv}",
                 self.num_attention_heads
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail_config!(
                 "hidden_size",
                 "must be a multiple of num_attention_heads = {}, got {}",
@@ -245,7 +245,7 @@ impl LlamaConfig {
             );
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             bail_config!("head_dim", "must be even and positive for RoPE, got {hd}");
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
