@@ -42,7 +42,7 @@ impl PreferenceBandit {
     /// everything else 0.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad parameter.
+    /// [`Error::InvalidConfig`] naming the bad parameter.
     pub fn new(
         frequencies: Vec<f64>,
         scales: Vec<f32>,

@@ -356,7 +356,7 @@ fn model_names(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
 /// Simulated failures for tests of atomic saving (hidden from the docs).
 ///
 /// Every file write, rename, directory sync and removal during a save is an *operation*.
-/// [`fail_at`] makes operation number `n` (0-based) of this thread's next saves fail: a file
+/// `fail_at(n, crash)` makes operation number `n` (0-based) of this thread's next saves fail: a file
 /// write writes half its bytes and then reports a full disk. With `crash = true` the save
 /// also skips its clean-up, as a process killed at that point would.
 #[doc(hidden)]

@@ -170,6 +170,17 @@ where
     /// trainer.
     pub fn resume(path: impl AsRef<Path>, policy: P, reward: R) -> Result<Self> {
         let ckpt = Checkpoint::load(path, policy.device())?;
+        Self::resume_from(ckpt, policy, reward)
+    }
+
+    /// [`resume`](Self::resume) from a checkpoint already loaded (and possibly edited, e.g.
+    /// a longer `max_steps` in its config): AdamW is built from the checkpoint's config and
+    /// given the saved state.
+    ///
+    /// # Errors
+    /// As [`Trainer::from_checkpoint`].
+    pub fn resume_from(ckpt: Checkpoint, policy: P, reward: R) -> Result<Self> {
+        ckpt.config.validate()?;
         let optimizer = default_optimizer(&policy, &ckpt.config)?;
         Self::from_checkpoint(ckpt, policy, reward, optimizer)
     }
@@ -276,7 +287,8 @@ where
         self.step
     }
 
-    /// Runs one training step on `batch` (see the [module docs](self)).
+    /// Runs one training step on `batch`: [`rollout`](Self::rollout) (sample, score,
+    /// advantages) then [`update`](Self::update) (optimizer steps, history, metrics).
     ///
     /// # Errors
     /// Any error of sampling, the reward function, the advantage computation (e.g.
