@@ -648,6 +648,21 @@ where
             }
             None => None,
         };
+        // On the vars' device(s) first, so that setting them cannot fail half-way.
+        let on_device = |ws: &[Tensor], vs: &[Var]| -> Result<Vec<Tensor>> {
+            ws.iter()
+                .zip(vs)
+                .map(|(w, v)| Ok(w.to_device(v.device())?))
+                .collect()
+        };
+        let weights = on_device(&ckpt.weights, &vars)?;
+        let reference = match (reference, &ckpt.reference) {
+            (Some((r, rv)), Some(ws)) => {
+                let ws = on_device(ws, &rv)?;
+                Some((r, ws, rv))
+            }
+            _ => None,
+        };
         if let Some(state) = ckpt.reward_state.clone() {
             reward.restore(state).map_err(|e| Error::Checkpoint {
                 path: ckpt.file(files::REWARD_STATE),
@@ -662,17 +677,17 @@ where
                     problem: CheckpointProblem::Mismatch(e.to_string()),
                 })?;
         }
-        for (v, w) in vars.iter().zip(&ckpt.weights) {
+        for (v, w) in vars.iter().zip(&weights) {
             v.set(w)?;
         }
-        let reference = match (reference, &ckpt.reference) {
-            (Some((r, rv)), Some(weights)) => {
-                for (v, w) in rv.iter().zip(weights) {
+        let reference = match reference {
+            Some((r, ws, rv)) => {
+                for (v, w) in rv.iter().zip(&ws) {
                     v.set(w)?;
                 }
                 Some(r)
             }
-            _ => None,
+            None => None,
         };
         Ok(Self {
             policy,

@@ -851,3 +851,70 @@ fn history_json_round_trips_every_bit() {
         }
     }
 }
+
+/// One message per kind of damage, each naming the file (printed with `--nocapture`: the
+/// table in docs/checkpoints.md comes from here).
+#[test]
+fn every_message_names_the_file() {
+    type Damage = (&'static str, &'static str, fn(&Path));
+    let cases: [Damage; 8] = [
+        ("truncated", files::MODEL, |ck| {
+            let p = ck.join(files::MODEL);
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+        }),
+        ("flipped byte", files::OPTIMIZER_TENSORS, |ck| {
+            let p = ck.join(files::OPTIMIZER_TENSORS);
+            let mut b = std::fs::read(&p).unwrap();
+            let i = b.len() - 3;
+            b[i] ^= 1;
+            std::fs::write(&p, &b).unwrap();
+        }),
+        ("newer manifest", files::MANIFEST, |ck| {
+            let p = ck.join(files::MANIFEST);
+            let t = std::fs::read_to_string(&p).unwrap();
+            std::fs::write(&p, t.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        }),
+        ("negative count", files::HISTORY, |ck| {
+            tamper_signed(ck, files::HISTORY, |h| {
+                h.replacen("\"count\": ", "\"count\": -", 1)
+            })
+        }),
+        ("NaN mean", files::HISTORY, |ck| {
+            tamper_signed(ck, files::HISTORY, |h| {
+                let i = h.find("\"mean\": ").unwrap() + 8;
+                let j = i + h[i..].find(',').unwrap();
+                format!("{}NaN{}", &h[..i], &h[j..])
+            })
+        }),
+        ("negative m2", files::HISTORY, |ck| {
+            tamper_signed(ck, files::HISTORY, |h| {
+                h.replacen("\"m2\": ", "\"m2\": -", 1)
+            })
+        }),
+        ("missing file", files::HISTORY, |ck| {
+            std::fs::remove_file(ck.join(files::HISTORY)).unwrap()
+        }),
+        ("bad reward state", files::REWARD_STATE, |ck| {
+            tamper_signed(ck, files::REWARD_STATE, |s| s.replace("word_pos", "pos"))
+        }),
+    ];
+    for (what, file, damage) in cases {
+        let (_d, ck) = saved();
+        damage(&ck);
+        let (p, r) = tabular();
+        let err = Trainer::resume(&ck, p, r).err().expect(what);
+        let msg = err.to_string();
+        eprintln!("{what:>16}: {msg}");
+        assert!(matches!(err, Error::Checkpoint { .. }), "{what}: {msg}");
+        assert!(msg.contains(file), "{what}: {msg}");
+    }
+    let (_d, ck) = saved();
+    let policy = TabularPolicy::new(3, 5, true, &Device::Cpu).unwrap();
+    let msg = Trainer::resume(&ck, policy, bandit().reward_fn(0))
+        .err()
+        .unwrap()
+        .to_string();
+    eprintln!("{:>16}: {msg}", "shape mismatch");
+    assert!(msg.contains(files::MODEL));
+}

@@ -102,11 +102,11 @@ fn status_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
-/// Soak: 10^4 steps of the bandit trainer (with a checkpoint every 1000 steps, keeping 2),
-/// printing peak and current RSS. Run with
+/// Soak: 10^4 steps (or `PGRPO_SOAK_STEPS`) of the bandit trainer, with a checkpoint every
+/// 1000 steps keeping 2, printing peak and current RSS. Run with
 /// `cargo test --release --test long_runs -- --ignored --nocapture soak`.
 #[test]
-#[ignore = "soak run (about a minute); run by hand"]
+#[ignore = "soak run (seconds, prints RSS); run by hand"]
 fn soak_bandit_trainer_memory() {
     let bandit =
         PreferenceBandit::new(vec![0.8, 0.15, 0.05], vec![1.0, 0.3, 0.1], 4, 0.5, 0.3).unwrap();
@@ -126,7 +126,12 @@ fn soak_bandit_trainer_memory() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(0);
     let start = std::time::Instant::now();
-    for step in 1..=10_000u64 {
+    // `PGRPO_SOAK_STEPS` for a longer soak.
+    let steps: u64 = std::env::var("PGRPO_SOAK_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    for step in 1..=steps {
         let batch: Vec<_> = bandit
             .sample_groups(16, &mut rng)
             .into_iter()
@@ -137,7 +142,7 @@ fn soak_bandit_trainer_memory() {
             t.save_with(dir.path(), &CheckpointOptions { keep_last: Some(2) })
                 .unwrap();
         }
-        if [100, 1_000, 5_000, 10_000].contains(&step) {
+        if [100, 1_000, 5_000, 10_000, 50_000, 100_000].contains(&step) || step == steps {
             println!(
                 "step {step:>6}: peak RSS (VmHWM) {} KiB, RSS {} KiB, {:.1} s",
                 status_kib("VmHWM:").unwrap_or(0),
