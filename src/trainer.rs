@@ -604,6 +604,10 @@ where
     /// its position. Then restores the reward function's state and the optimizer's (each
     /// checks its input before changing itself) and finally sets the weights.
     ///
+    /// If the config was edited to switch the KL term on (`objective.beta > 0` in a
+    /// checkpoint saved without a reference policy), the reference is the resumed policy; if
+    /// it was switched off, the saved reference is dropped.
+    ///
     /// # Errors
     /// [`Error::Checkpoint`] with [`CheckpointProblem::Inexact`] (no optimizer state),
     /// [`CheckpointProblem::Mismatch`] (tensors that do not fit the policy or the
@@ -681,13 +685,15 @@ where
             v.set(w)?;
         }
         let reference = match reference {
+            _ if ckpt.config.objective.beta <= 0.0 => None,
             Some((r, ws, rv)) => {
                 for (v, w) in rv.iter().zip(&ws) {
                     v.set(w)?;
                 }
                 Some(r)
             }
-            None => None,
+            // KL switched on in an edited config: the reference is the resumed policy.
+            None => Some(policy.snapshot()?),
         };
         Ok(Self {
             policy,

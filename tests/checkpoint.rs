@@ -933,3 +933,45 @@ fn bandit_noise_stream_is_unchanged() {
         assert_eq!(got.to_bits(), want.to_bits(), "draw {i}");
     }
 }
+
+/// Editing the config before resuming: a longer schedule, and the KL term switched on (the
+/// reference is then the resumed policy).
+#[test]
+fn an_edited_config_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainerConfig {
+        num_generations: 4,
+        learning_rate: 0.05,
+        ..Default::default()
+    };
+    let (p, r) = tabular();
+    let mut t = Trainer::new(p, r, c).unwrap();
+    t.step(&tabular_batch(0)).unwrap();
+    t.save(dir.path()).unwrap();
+    let mut ck = Checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(ck.reference.is_none());
+    ck.config.objective.beta = 0.1;
+    ck.config.max_steps = Some(100);
+    let (p, r) = tabular();
+    let mut t2 = Trainer::resume_from(ck, p, r).unwrap();
+    assert_eq!(
+        weight_bits(&t2.reference().unwrap().vars()),
+        weight_bits(&t.policy().vars())
+    );
+    let m = t2.step(&tabular_batch(1)).unwrap();
+    assert!(
+        m.get("kl").unwrap().abs() < 1e-6,
+        "KL to itself at the first update"
+    );
+    // An invalid edit is refused before anything happens.
+    let mut ck = Checkpoint::load(dir.path(), &Device::Cpu).unwrap();
+    ck.config.learning_rate = f64::NAN;
+    let (p, r) = tabular();
+    assert!(matches!(
+        Trainer::resume_from(ck, p, r),
+        Err(Error::InvalidConfig {
+            field: "learning_rate",
+            ..
+        })
+    ));
+}
