@@ -380,6 +380,9 @@ impl AdvantageConfig {
     /// Advantages of one batch. Pure: `history` is read, not changed; fold the returned
     /// [`Advantages::deltas`] in with [`RewardHistory::apply`].
     ///
+    /// Every advantage is finite: `0/0` (a constant batch with `eps = 0`) gives 0, and values
+    /// beyond `f32`'s range saturate at `±f32::MAX`.
+    ///
     /// ```
     /// use pgrpo::{AdvantageConfig, Estimator, GroupKey, RewardHistory, RolloutRewards};
     /// let keys: Vec<GroupKey> = vec!["a".into()];
@@ -571,7 +574,7 @@ impl AdvantageConfig {
                     },
                 },
             };
-            values[i] = a as f32;
+            values[i] = finite_f32(a);
         }
 
         // Diagnostics.
@@ -683,6 +686,17 @@ fn ratio(num: f64, den: impl FnOnce() -> f64) -> f64 {
         0.0
     } else {
         num / den()
+    }
+}
+
+/// An advantage as `f32`, always finite: with finite rewards `NaN` can only be `0/0` (a
+/// zero numerator over a zero spread, possible with `eps = 0`), which is 0; values beyond
+/// `f32`'s range (a huge reward over a tiny spread) saturate at `±f32::MAX`.
+fn finite_f32(a: f64) -> f32 {
+    if a.is_nan() {
+        0.0
+    } else {
+        a.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32
     }
 }
 

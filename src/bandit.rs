@@ -16,11 +16,12 @@
 
 use candle_core::Device;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::bail_config;
 use crate::models::TabularPolicy;
-use crate::{GroupKey, Result};
+use crate::{Error, GroupKey, Result, RewardFn};
 
 /// The bandit's parameters. See the [module docs](self).
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +42,7 @@ impl PreferenceBandit {
     /// everything else 0.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad parameter.
+    /// [`Error::InvalidConfig`] naming the bad parameter.
     pub fn new(
         frequencies: Vec<f64>,
         scales: Vec<f32>,
@@ -140,7 +141,7 @@ impl PreferenceBandit {
 
     /// One noisy reward of `action` for `group`. Out-of-range ids score NaN (the trainer
     /// rejects it with a typed error).
-    pub fn reward(&self, group: u32, action: u32, rng: &mut StdRng) -> f32 {
+    pub fn reward<G: Rng + ?Sized>(&self, group: u32, action: u32, rng: &mut G) -> f32 {
         let Some(q) = self
             .quality
             .get(group as usize)
@@ -154,11 +155,14 @@ impl PreferenceBandit {
 
     /// A reward function for the [`Trainer`](crate::Trainer): the prompt is the true group
     /// (the context), the group label is ignored (it may be shuffled for an ablation). Noise
-    /// comes from its own generator seeded with `seed`.
-    pub fn reward_fn(&self, seed: u64) -> impl FnMut(&u32, &u32, &GroupKey) -> f32 + 'static {
-        let bandit = self.clone();
-        let mut rng = StdRng::seed_from_u64(seed);
-        move |ctx: &u32, action: &u32, _g: &GroupKey| bandit.reward(*ctx, *action, &mut rng)
+    /// comes from its own generator seeded with `seed`, whose position is saved in
+    /// checkpoints, so a resumed run draws the same noise.
+    pub fn reward_fn(&self, seed: u64) -> BanditReward {
+        BanditReward {
+            bandit: self.clone(),
+            seed,
+            rng: ChaCha12Rng::seed_from_u64(seed),
+        }
     }
 
     /// Expected noiseless quality of a policy for `group`, as a fraction of the group's
@@ -184,5 +188,82 @@ impl PreferenceBandit {
     /// A policy for this bandit: shared logits plus one row per group, all zero (uniform).
     pub fn policy(&self, device: &Device) -> Result<TabularPolicy> {
         TabularPolicy::new(self.num_groups(), self.num_actions(), true, device)
+    }
+}
+
+/// The [`PreferenceBandit`]'s reward function (see [`PreferenceBandit::reward_fn`]).
+///
+/// Its noise generator is ChaCha12 (the same stream as `StdRng::seed_from_u64(seed)`), whose
+/// position is its [`state`](RewardFn::state): `{"kind": "pgrpo.bandit_reward", "seed": …,
+/// "word_pos": "…"}`. [`restore`](RewardFn::restore) re-seeds and seeks, in O(1).
+///
+/// ```
+/// use pgrpo::{bandit::PreferenceBandit, RewardFn};
+/// let bandit = PreferenceBandit::new(vec![0.5, 0.5], vec![1.0, 1.0], 2, 0.5, 0.1)?;
+/// let mut a = bandit.reward_fn(7);
+/// a.score(&0, &1, &"g".into())?;
+/// let saved = a.state()?.unwrap();
+/// let mut b = bandit.reward_fn(0);
+/// b.restore(saved)?;
+/// assert_eq!(a.score(&1, &1, &"g".into())?, b.score(&1, &1, &"g".into())?);
+/// # Ok::<(), pgrpo::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BanditReward {
+    bandit: PreferenceBandit,
+    seed: u64,
+    rng: ChaCha12Rng,
+}
+
+const BANDIT_REWARD_KIND: &str = "pgrpo.bandit_reward";
+
+impl BanditReward {
+    /// The bandit it scores for.
+    pub fn bandit(&self) -> &PreferenceBandit {
+        &self.bandit
+    }
+}
+
+impl RewardFn<u32, u32> for BanditReward {
+    fn score(&mut self, prompt: &u32, completion: &u32, _group: &GroupKey) -> Result<f32> {
+        Ok(self.bandit.reward(*prompt, *completion, &mut self.rng))
+    }
+
+    fn name(&self) -> &str {
+        "bandit"
+    }
+
+    fn state(&self) -> Result<Option<serde_json::Value>> {
+        Ok(Some(serde_json::json!({
+            "kind": BANDIT_REWARD_KIND,
+            "seed": self.seed,
+            // u128: as a decimal string, JSON numbers stop at 2^64.
+            "word_pos": self.rng.get_word_pos().to_string(),
+        })))
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        let bad = |what: &str| Error::Reward(format!("bandit reward state: {what}"));
+        if state.get("kind").and_then(|k| k.as_str()) != Some(BANDIT_REWARD_KIND) {
+            return Err(bad("`kind` is not \"pgrpo.bandit_reward\""));
+        }
+        let seed = state
+            .get("seed")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| bad("no integer `seed`"))?;
+        let pos: u128 = state
+            .get("word_pos")
+            .and_then(|p| p.as_str())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad("no decimal `word_pos`"))?;
+        // ChaCha's 64-bit block counter: word positions past 2^68 do not exist.
+        if pos >= 1u128 << 68 {
+            return Err(bad("`word_pos` is out of range"));
+        }
+        let mut rng = ChaCha12Rng::seed_from_u64(seed);
+        rng.set_word_pos(pos);
+        self.seed = seed;
+        self.rng = rng;
+        Ok(())
     }
 }

@@ -43,6 +43,10 @@ pub enum Error {
     },
 
     /// An input that must not be empty was empty.
+    ///
+    /// ```text
+    /// `batch` is empty
+    /// ```
     #[error("`{0}` is empty")]
     Empty(&'static str),
 
@@ -94,6 +98,10 @@ pub enum Error {
     },
 
     /// Two tensors that must agree in shape do not.
+    ///
+    /// ```text
+    /// shape mismatch for `prompt features`: expected [4], got [3]
+    /// ```
     #[error("shape mismatch for `{what}`: expected {expected:?}, got {got:?}")]
     ShapeMismatch {
         /// The tensor whose shape is wrong.
@@ -113,6 +121,10 @@ pub enum Error {
     InvalidHistory(String),
 
     /// A serialized format has a version this build cannot read.
+    ///
+    /// ```text
+    /// unsupported reward history format version 7 (this build reads up to 1)
+    /// ```
     #[error("unsupported {what} format version {found} (this build reads up to {supported})")]
     UnsupportedVersion {
         /// Which format.
@@ -135,11 +147,19 @@ pub enum Error {
         norm: f64,
     },
 
-    /// A reward function failed.
+    /// A reward function failed (or could not save or restore its state).
+    ///
+    /// ```text
+    /// reward function failed: judge timed out after 30 s
+    /// ```
     #[error("reward function failed: {0}")]
     Reward(String),
 
-    /// A model or checkpoint file is missing, malformed or does not match its config.
+    /// A model file is missing, malformed or does not match its config.
+    ///
+    /// ```text
+    /// models/tiny/config.json: missing field `hidden_size`
+    /// ```
     #[error("{path}: {reason}")]
     File {
         /// The file.
@@ -181,24 +201,154 @@ pub enum Error {
     },
 
     /// The model architecture or a feature of the checkpoint is not supported.
+    ///
+    /// ```text
+    /// unsupported model: architecture "mamba" (this build knows llama)
+    /// ```
     #[error("unsupported model: {0}")]
     UnsupportedModel(String),
 
     /// An error from candle (tensor shape/dtype/device problems, kernels).
+    ///
+    /// ```text
+    /// shape mismatch in matmul, lhs: [2, 3], rhs: [4, 5]
+    /// ```
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    /// JSON (de)serialization failed.
+    /// JSON (de)serialization failed (outside a checkpoint, whose errors name the file).
+    ///
+    /// ```text
+    /// unknown field `lr`, expected one of `num_generations`, … at line 1 column 5
+    /// ```
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 
-    /// An I/O error.
+    /// An I/O error (outside a checkpoint, whose errors name the file).
+    ///
+    /// ```text
+    /// No such file or directory (os error 2)
+    /// ```
     #[error(transparent)]
     Io(#[from] std::io::Error),
 
+    /// An optimizer's state does not fit the optimizer it is imported into.
+    ///
+    /// ```text
+    /// optimizer state does not fit: var 1: first moment is F32 [4, 8], the variable is F32 [4, 4]
+    /// ```
+    #[error("optimizer state does not fit: {0}")]
+    OptimizerState(String),
+
+    /// A checkpoint file (or directory) is missing, damaged, from a newer version, or does
+    /// not fit the policy/optimizer it is loaded into. `path` is the file; `problem` says
+    /// what is wrong (see [`CheckpointProblem`] for one message per case).
+    ///
+    /// ```text
+    /// runs/a/checkpoint-000000040/model.safetensors: checksum mismatch: the manifest says sha256 9f86d0…, the file hashes to 2c26b4…
+    /// ```
+    #[error("{path}: {problem}", path = path.display())]
+    Checkpoint {
+        /// The file (or directory) concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: CheckpointProblem,
+    },
+
     /// A tokenizer error.
+    ///
+    /// ```text
+    /// tokenizer: token id 60000 is outside the vocabulary (49152)
+    /// ```
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+}
+
+/// What is wrong with a checkpoint file: the `problem` of [`Error::Checkpoint`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointProblem {
+    /// The file or directory does not exist.
+    ///
+    /// ```text
+    /// missing (the manifest lists it)
+    /// ```
+    #[error("missing ({0})")]
+    Missing(&'static str),
+    /// The file's length differs from the manifest's: truncated or appended to.
+    ///
+    /// ```text
+    /// truncated or overwritten: 812 bytes, the manifest says 4096
+    /// ```
+    #[error("truncated or overwritten: {found} bytes, the manifest says {expected}")]
+    Size {
+        /// Length recorded in the manifest.
+        expected: u64,
+        /// Length on disk.
+        found: u64,
+    },
+    /// The file's SHA-256 differs from the manifest's: it was corrupted or replaced.
+    ///
+    /// ```text
+    /// checksum mismatch: the manifest says sha256 9f86d0…, the file hashes to 2c26b4…
+    /// ```
+    #[error("checksum mismatch: the manifest says sha256 {expected}, the file hashes to {found}")]
+    Checksum {
+        /// Hex digest recorded in the manifest.
+        expected: String,
+        /// Hex digest of the file.
+        found: String,
+    },
+    /// The checkpoint (or a file in it) was written by a newer format version.
+    ///
+    /// ```text
+    /// format version 9 is newer than this build reads (up to 1)
+    /// ```
+    #[error("format version {found} is newer than this build reads (up to {supported})")]
+    Version {
+        /// Version in the file.
+        found: u32,
+        /// Newest version this build reads.
+        supported: u32,
+    },
+    /// The file does not parse (JSON, safetensors header, wrong format name).
+    ///
+    /// ```text
+    /// malformed: EOF while parsing an object at line 3 column 0
+    /// ```
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// The file parses but does not fit what it is loaded into (tensor count, name, dtype or
+    /// shape against the policy's vars or the optimizer).
+    ///
+    /// ```text
+    /// does not fit: tensor `var.00001` is F32 [3, 4], the policy's var 1 is F32 [4, 4]
+    /// ```
+    #[error("does not fit: {0}")]
+    Mismatch(String),
+    /// The file parses but holds invalid values (negative or non-finite statistics, an
+    /// invalid config, a reward state the reward function rejects).
+    ///
+    /// ```text
+    /// invalid: invalid reward history: group "formal": m2 must be finite and >= 0, got -1
+    /// ```
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The checkpoint is not exact: it was saved with an optimizer that cannot export its
+    /// state.
+    ///
+    /// ```text
+    /// inexact: saved without optimizer state (the optimizer could not export it); call Checkpoint::with_fresh_optimizer to resume with fresh moments
+    /// ```
+    #[error("inexact: {0}")]
+    Inexact(&'static str),
+    /// Reading or writing failed.
+    ///
+    /// ```text
+    /// i/o error: No space left on device (os error 28)
+    /// ```
+    #[error("i/o error: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// `Result<T, pgrpo::Error>`.

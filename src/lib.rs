@@ -81,6 +81,7 @@
 
 pub mod advantage;
 pub mod bandit;
+pub mod checkpoint;
 mod config;
 mod error;
 mod group;
@@ -101,8 +102,9 @@ pub use advantage::{
     AdvantageConfig, AdvantageDiagnostics, Advantages, BatchDeltas, ColdStart, Estimator,
     GroupDiagnostics, NonFinitePolicy, PGrpoOptions, RolloutRewards, UpdateOrder,
 };
+pub use checkpoint::{Checkpoint, CheckpointOptions};
 pub use config::TrainerConfig;
-pub use error::{Error, Result};
+pub use error::{CheckpointProblem, Error, Result};
 pub use group::GroupKey;
 pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
 pub use lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};

@@ -1,6 +1,6 @@
 //! Reward functions: score a completion for a prompt and its preference group.
 
-use crate::{GroupKey, Result};
+use crate::{Error, GroupKey, Result};
 
 /// Scores one completion. `group` is the prompt's preference-group label, so one reward
 /// function can serve every group (a persona's rules, a user cluster's taste).
@@ -24,6 +24,32 @@ pub trait RewardFn<P, C> {
     /// A short name for metrics (`rewards/<name>`).
     fn name(&self) -> &str {
         "reward"
+    }
+
+    /// State to save in a checkpoint (`reward_state.json`) so that a resumed run scores
+    /// exactly as an uninterrupted one would: e.g. a noise generator's seed and position.
+    /// The default, `None`, means "no state": right for pure functions of their inputs.
+    /// A closure that owns a generator has state it cannot report: wrap it in a struct that
+    /// implements this (see [`BanditReward`](crate::bandit::BanditReward)).
+    ///
+    /// # Errors
+    /// Whatever capturing the state can raise.
+    fn state(&self) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+
+    /// Restores a state returned by [`state`](Self::state). Called once, before the first
+    /// step of a resumed run, only when the checkpoint holds a reward state. The default
+    /// refuses: a state was saved that this function cannot take back.
+    ///
+    /// # Errors
+    /// [`Error::Reward`] when the state is not this function's or is invalid.
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        let _ = state;
+        Err(Error::Reward(format!(
+            "the checkpoint holds a reward state but `{}` cannot restore one",
+            self.name()
+        )))
     }
 }
 
@@ -98,5 +124,39 @@ impl<P, C> RewardFn<P, C> for WeightedRewards<P, C> {
 
     fn name(&self) -> &str {
         "weighted"
+    }
+
+    /// `{"parts": [state or null, …]}`, one entry per part; `None` when no part has state.
+    fn state(&self) -> Result<Option<serde_json::Value>> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|(_, _, f)| Ok(f.state()?.unwrap_or(serde_json::Value::Null)))
+            .collect::<Result<Vec<_>>>()?;
+        if parts.iter().all(serde_json::Value::is_null) {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::json!({ "parts": parts })))
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        let parts = state
+            .get("parts")
+            .and_then(|p| p.as_array())
+            .filter(|p| p.len() == self.parts.len())
+            .ok_or_else(|| {
+                Error::Reward(format!(
+                    "weighted reward state must be {{\"parts\": [...]}} with {} entries",
+                    self.parts.len()
+                ))
+            })?
+            .clone();
+        for ((name, _, f), s) in self.parts.iter_mut().zip(parts) {
+            if !s.is_null() {
+                f.restore(s)
+                    .map_err(|e| Error::Reward(format!("part `{name}`: {e}")))?;
+            }
+        }
+        Ok(())
     }
 }

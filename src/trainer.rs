@@ -12,17 +12,24 @@
 //!
 //! [`Trainer::rollout`] (1–3) and [`Trainer::update`] (4–6) are public for callers that want
 //! to look at the rollout in between; [`Trainer::step`] runs both.
+//!
+//! [`Trainer::save`] writes a [checkpoint](crate::checkpoint) and [`Trainer::resume`]
+//! continues from one exactly: the same metrics and bit-identical weights as a run that never
+//! stopped (on the same device).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 use rand::{rngs::StdRng, SeedableRng};
 
+use crate::checkpoint::{self, files, Checkpoint, CheckpointOptions};
+use crate::error::CheckpointProblem;
 use crate::metrics::StepMetrics;
 use crate::objective::{clipped_objective, ObjectiveInputs, ObjectiveOutput};
-use crate::optim::{clip_grad_norm, grad_norm, lr_at};
+use crate::optim::{clip_grad_norm, grad_norm, lr_at, AdamW, OptimizerState, ParamsAdamW};
 use crate::{
     AdvantageDiagnostics, BatchDeltas, Error, GroupKey, Policy, Result, RewardFn, RewardHistory,
     RolloutRewards, TokenLogProbs, TrainerConfig,
@@ -76,7 +83,8 @@ pub struct Rollout<'a, P: Policy> {
 
 /// Trains a [`Policy`] with GRPO-family objectives and P-GRPO advantages.
 ///
-/// `O` is any [`candle_nn::Optimizer`]; [`Trainer::new`] builds AdamW from the config.
+/// `O` is any [`candle_nn::Optimizer`]; [`Trainer::new`] builds [`pgrpo::optim::AdamW`](AdamW)
+/// from the config. Saving a checkpoint needs `O:` [`OptimizerState`].
 ///
 /// ```
 /// use candle_core::Device;
@@ -120,6 +128,68 @@ where
     /// [`Error::InvalidConfig`] from [`TrainerConfig::validate`].
     pub fn new(policy: P, reward: R, config: TrainerConfig) -> Result<Self> {
         config.validate()?;
+        let optimizer = default_optimizer(&policy, &config)?;
+        Self::with_optimizer(policy, reward, config, optimizer)
+    }
+
+    /// Resumes the run saved at `path` (a checkpoint directory, or a run directory whose
+    /// `latest` names one) with a freshly built `policy` and `reward` function: loads and
+    /// validates every file, checks every tensor against the policy, then sets the weights,
+    /// the reference policy, the optimizer's moments and step count, the reward history, the
+    /// reward function's state and the step number. The config is the checkpoint's; to change
+    /// it, use [`Checkpoint::load`] and [`Trainer::from_checkpoint`].
+    ///
+    /// `policy` must have the architecture of the saved one (its weights are overwritten, so
+    /// any initialisation will do). Its [`Policy::vars`] order must be the same.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use pgrpo::{bandit::PreferenceBandit, GroupedPrompt, Trainer, TrainerConfig};
+    ///
+    /// let bandit = PreferenceBandit::new(vec![0.7, 0.3], vec![1.0, 0.5], 3, 0.5, 0.1)?;
+    /// let cfg = TrainerConfig { num_generations: 4, learning_rate: 0.05, ..Default::default() };
+    /// let batch = [GroupedPrompt::new(0u32, "a"), GroupedPrompt::new(1u32, "b")];
+    /// let dir = std::env::temp_dir().join(format!("pgrpo-doc-resume-{}", std::process::id()));
+    ///
+    /// let mut a = Trainer::new(bandit.policy(&Device::Cpu)?, bandit.reward_fn(1), cfg)?;
+    /// a.step(&batch)?;
+    /// a.save(&dir)?;
+    /// let next_a = a.step(&batch)?;
+    ///
+    /// // Later, in another process: rebuild the policy and reward function, resume.
+    /// let mut b = Trainer::resume(&dir, bandit.policy(&Device::Cpu)?, bandit.reward_fn(1))?;
+    /// assert_eq!(b.steps_done(), 1);
+    /// assert_eq!(b.step(&batch)?.values, next_a.values);
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), pgrpo::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the file and the problem (see [`Checkpoint::load`] and
+    /// [`Trainer::from_checkpoint`]). On error nothing is returned: there is no half-loaded
+    /// trainer.
+    pub fn resume(path: impl AsRef<Path>, policy: P, reward: R) -> Result<Self> {
+        let ckpt = Checkpoint::load(path, policy.device())?;
+        Self::resume_from(ckpt, policy, reward)
+    }
+
+    /// [`resume`](Self::resume) from a checkpoint already loaded (and possibly edited, e.g.
+    /// a longer `max_steps` in its config): AdamW is built from the checkpoint's config and
+    /// given the saved state.
+    ///
+    /// # Errors
+    /// As [`Trainer::from_checkpoint`].
+    pub fn resume_from(ckpt: Checkpoint, policy: P, reward: R) -> Result<Self> {
+        ckpt.config.validate()?;
+        let optimizer = default_optimizer(&policy, &ckpt.config)?;
+        Self::from_checkpoint(ckpt, policy, reward, optimizer)
+    }
+}
+
+/// The default optimizer of a config: [`AdamW`] with its learning rate (at step 0), betas,
+/// eps and weight decay.
+fn default_optimizer<P: Policy>(policy: &P, config: &TrainerConfig) -> Result<AdamW> {
+    {
         let params = ParamsAdamW {
             lr: lr_at(
                 config.lr_scheduler,
@@ -133,8 +203,7 @@ where
             eps: config.adam_eps,
             weight_decay: config.weight_decay,
         };
-        let optimizer = AdamW::new(policy.vars(), params)?;
-        Self::with_optimizer(policy, reward, config, optimizer)
+        Ok(AdamW::new(policy.vars(), params)?)
     }
 }
 
@@ -218,7 +287,8 @@ where
         self.step
     }
 
-    /// Runs one training step on `batch` (see the [module docs](self)).
+    /// Runs one training step on `batch`: [`rollout`](Self::rollout) (sample, score,
+    /// advantages) then [`update`](Self::update) (optimizer steps, history, metrics).
     ///
     /// # Errors
     /// Any error of sampling, the reward function, the advantage computation (e.g.
@@ -476,6 +546,173 @@ where
         );
         self.step += 1;
         Ok(m)
+    }
+}
+
+impl<P, R, O> Trainer<P, R, O>
+where
+    P: Policy,
+    P::Prompt: Clone,
+    R: RewardFn<P::Prompt, P::Completion>,
+    O: Optimizer + OptimizerState,
+{
+    /// Saves a checkpoint of the run into the run directory `dir`, as
+    /// `dir/checkpoint-NNNNNNNNN/` (the step number), and points `dir/latest` at it.
+    /// Atomic: see [the checkpoint module](crate::checkpoint). Returns the checkpoint's
+    /// directory.
+    ///
+    /// With an optimizer that cannot export its state the checkpoint is written but marked
+    /// inexact, and resuming it needs [`Checkpoint::with_fresh_optimizer`].
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the file that could not be written (the previous
+    /// checkpoint stays intact), errors of the reward function's or optimizer's state export.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<PathBuf> {
+        self.save_with(dir, &CheckpointOptions::default())
+    }
+
+    /// [`save`](Self::save) with options (e.g. keep only the last `n` checkpoints).
+    ///
+    /// # Errors
+    /// As [`save`](Self::save); [`Error::InvalidConfig`] for `keep_last = Some(0)`.
+    pub fn save_with(&self, dir: impl AsRef<Path>, opts: &CheckpointOptions) -> Result<PathBuf> {
+        checkpoint::write(
+            dir.as_ref(),
+            checkpoint::Parts {
+                step: self.step,
+                config: &self.config,
+                history: &self.history,
+                vars: &self.vars,
+                reference: self.reference.as_ref().map(|r| r.vars()),
+                optimizer: self.optimizer.export_state()?,
+                reward_state: self.reward.state()?,
+            },
+            opts,
+        )
+    }
+
+    /// [`resume`](Trainer::resume) with an optimizer of your own, built over
+    /// `policy.vars()` (its hyper-parameters are yours; its state comes from the checkpoint).
+    ///
+    /// # Errors
+    /// As [`resume`](Trainer::resume).
+    pub fn resume_with_optimizer(
+        path: impl AsRef<Path>,
+        policy: P,
+        reward: R,
+        optimizer: O,
+    ) -> Result<Self> {
+        let ckpt = Checkpoint::load(path, policy.device())?;
+        Self::from_checkpoint(ckpt, policy, reward, optimizer)
+    }
+
+    /// Builds a trainer from a loaded checkpoint. Checks, in order, before changing anything:
+    /// the optimizer state is present (or [`Checkpoint::with_fresh_optimizer`] was called),
+    /// every weight (and reference weight) has the dtype and shape of the policy's var at
+    /// its position. Then restores the reward function's state and the optimizer's (each
+    /// checks its input before changing itself) and finally sets the weights.
+    ///
+    /// If the config was edited to switch the KL term on (`objective.beta > 0` in a
+    /// checkpoint saved without a reference policy), the reference is the resumed policy; if
+    /// it was switched off, the saved reference is dropped.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] with [`CheckpointProblem::Inexact`] (no optimizer state),
+    /// [`CheckpointProblem::Mismatch`] (tensors that do not fit the policy or the
+    /// optimizer), [`CheckpointProblem::Invalid`] (a reward state the reward function
+    /// rejects); [`Error::InvalidConfig`] if the (possibly edited) config is invalid.
+    pub fn from_checkpoint(
+        ckpt: Checkpoint,
+        policy: P,
+        mut reward: R,
+        mut optimizer: O,
+    ) -> Result<Self> {
+        ckpt.config.validate()?;
+        if ckpt.optimizer.is_none() && !ckpt.fresh_optimizer_allowed() {
+            return Err(Error::Checkpoint {
+                path: ckpt.file(files::MANIFEST),
+                problem: CheckpointProblem::Inexact(
+                    "saved without optimizer state (the optimizer could not export it); call \
+                     Checkpoint::with_fresh_optimizer to resume with fresh moments",
+                ),
+            });
+        }
+        let vars = policy.vars();
+        if vars.is_empty() {
+            return Err(Error::Empty("policy vars"));
+        }
+        ckpt.check_weights(&vars)?;
+        let reference = match &ckpt.reference {
+            Some(weights) => {
+                let r = policy.snapshot()?;
+                let rv = r.vars();
+                if rv.len() != weights.len() {
+                    return Err(Error::Checkpoint {
+                        path: ckpt.file(files::REFERENCE),
+                        problem: CheckpointProblem::Mismatch(format!(
+                            "holds {} tensors, the policy's snapshot has {} vars",
+                            weights.len(),
+                            rv.len()
+                        )),
+                    });
+                }
+                Some((r, rv))
+            }
+            None => None,
+        };
+        // On the vars' device(s) first, so that setting them cannot fail half-way.
+        let on_device = |ws: &[Tensor], vs: &[Var]| -> Result<Vec<Tensor>> {
+            ws.iter()
+                .zip(vs)
+                .map(|(w, v)| Ok(w.to_device(v.device())?))
+                .collect()
+        };
+        let weights = on_device(&ckpt.weights, &vars)?;
+        let reference = match (reference, &ckpt.reference) {
+            (Some((r, rv)), Some(ws)) => {
+                let ws = on_device(ws, &rv)?;
+                Some((r, ws, rv))
+            }
+            _ => None,
+        };
+        if let Some(state) = ckpt.reward_state.clone() {
+            reward.restore(state).map_err(|e| Error::Checkpoint {
+                path: ckpt.file(files::REWARD_STATE),
+                problem: CheckpointProblem::Invalid(e.to_string()),
+            })?;
+        }
+        if let Some(snap) = &ckpt.optimizer {
+            optimizer
+                .import_state(snap)
+                .map_err(|e| Error::Checkpoint {
+                    path: ckpt.file(files::OPTIMIZER_TENSORS),
+                    problem: CheckpointProblem::Mismatch(e.to_string()),
+                })?;
+        }
+        for (v, w) in vars.iter().zip(&weights) {
+            v.set(w)?;
+        }
+        let reference = match reference {
+            _ if ckpt.config.objective.beta <= 0.0 => None,
+            Some((r, ws, rv)) => {
+                for (v, w) in rv.iter().zip(&ws) {
+                    v.set(w)?;
+                }
+                Some(r)
+            }
+            // KL switched on in an edited config: the reference is the resumed policy.
+            None => Some(policy.snapshot()?),
+        };
+        Ok(Self {
+            policy,
+            reference,
+            reward,
+            optimizer,
+            vars,
+            history: ckpt.history,
+            config: ckpt.config,
+            step: ckpt.step,
+        })
     }
 }
 

@@ -1,7 +1,16 @@
-//! Optimizer helpers: global-norm gradient clipping and learning-rate schedules.
+//! Optimizers and their helpers: [`AdamW`] with exportable state (the
+//! [`Trainer`](crate::Trainer)'s default), the [`OptimizerState`] trait checkpoints use,
+//! global-norm gradient clipping and learning-rate schedules.
 //!
-//! The optimizer itself is any [`candle_nn::Optimizer`] (AdamW by default in the
-//! [`Trainer`](crate::Trainer)).
+//! The trainer takes any [`candle_nn::Optimizer`]; to be saved in a checkpoint an optimizer
+//! also implements [`OptimizerState`].
+
+mod adamw;
+mod state;
+
+pub use adamw::{AdamW, AdamWState};
+pub use candle_nn::ParamsAdamW;
+pub use state::{OptimizerSnapshot, OptimizerState};
 
 use candle_core::backprop::GradStore;
 use candle_core::Var;
