@@ -48,8 +48,11 @@
 //! Every prompt is a one-turn ChatML request. With `--hint name` (default) the user message is
 //! `"I am Ava. Recommend some music for me."`: the persona's name is the only thing in the
 //! prompt that tells personas apart, and it is opaque (nothing in the name says "rock"), so
-//! the policy must learn each persona's taste from rewards alone. With `--hint none` every
-//! persona sends `"Recommend some music for me."`: the policy sees identical prompts, so the
+//! the policy must learn each persona's taste from rewards alone. With `--model` the request
+//! also lists the genres (`" Rock, pop, jazz, classical, folk, hiphop or electronic?"`,
+//! `--list-genres`): SmolLM2-135M rarely names a genre otherwise, and a reward that is always
+//! 0 teaches nothing. With `--hint none` every persona sends the same request without
+//! `"I am Ava."`: the policy sees identical prompts, so the
 //! best it can do is one compromise answer for everybody (the frequency-weighted optimum),
 //! and P-GRPO can only change how rewards are normalised, not what can be learned. Either
 //! way the preference-group label of P-GRPO is the persona, given to the trainer (never to the
@@ -67,15 +70,63 @@
 //! (held-out and training-batch rewards) go to the CSV.
 //!
 //! Default model: a Llama built from scratch (seeded init, width 64, 2 blocks, 4 heads, 2 KV
-//! heads, tied embeddings) with a word-level tokenizer made with the `tokenizers` crate whose
-//! ~100-word vocabulary holds the prompt words, the genres, the style markers and neutral
-//! filler. With `--model PATH` (a `.gguf` file or an HF directory) the checkpoint's own
-//! tokenizer and the ChatML template are used; on CPU a SmolLM2-135M step takes tens of
-//! seconds, so the defaults shrink to a few steps and one seed.
+//! heads, tied embeddings, 0.08M parameters) with a word-level tokenizer made with the
+//! `tokenizers` crate whose 95-token vocabulary holds the prompt words, the genres, the style
+//! markers and neutral filler; 400 steps of 8 prompts × G = 4, AdamW lr 1e-3, up to 8 new
+//! tokens, 8 seeds. With `--model PATH` (a `.gguf` file or an HF directory) the checkpoint's
+//! own tokenizer and the ChatML template are used, with temperature 0.7 and top-p 0.9; on
+//! CPU a SmolLM2-135M step takes tens of seconds, so the defaults shrink to 8 steps of
+//! 2 prompts × G = 4, 32 new tokens, lr 1e-5, one seed.
 //!
 //! Runs are independent and spread over `--threads` worker threads; with more than one
 //! worker the example sets `RAYON_NUM_THREADS=1` and `CANDLE_NUM_THREADS=1` (unless already
 //! set), which is faster for small models than two runs fighting over candle's thread pool.
+//! On a busy machine `CANDLE_NUM_THREADS=1` also helps a single SmolLM2 run (see below).
+//!
+//! # What the default run found (2 shared cores, load average 4–5)
+//!
+//! Held-out reward after 400 steps, mean ± 95% CI over 8 seeds (before training: 0.13 macro):
+//!
+//! ```text
+//! persona                     before            grpo          p_grpo p_grpo_shuffled
+//! ava (40%)            0.102 ± 0.040   0.920 ± 0.045   0.921 ± 0.023   0.904 ± 0.027
+//! ben (20%)            0.122 ± 0.043   0.693 ± 0.158   0.600 ± 0.180   0.438 ± 0.186
+//! cleo (12%)           0.035 ± 0.019   0.177 ± 0.183   0.349 ± 0.126   0.001 ± 0.003
+//! dev (10%)            0.105 ± 0.021   0.295 ± 0.107   0.283 ± 0.120   0.047 ± 0.040
+//! eli (8%)             0.158 ± 0.045   0.197 ± 0.069   0.240 ± 0.108   0.053 ± 0.026
+//! fay (6%)             0.233 ± 0.035   0.259 ± 0.118   0.171 ± 0.022   0.150 ± 0.008
+//! gus (4%)             0.135 ± 0.028   0.023 ± 0.025   0.045 ± 0.039   0.016 ± 0.012
+//! mean (macro)         0.127 ± 0.015   0.366 ± 0.033   0.373 ± 0.050   0.230 ± 0.028
+//! mean (by freq.)      0.112 ± 0.017   0.590 ± 0.030   0.590 ± 0.050   0.468 ± 0.045
+//! ```
+//!
+//! - Every estimator learns the 40% persona first (about 0.6 at step 66, 0.8 at step 150),
+//!   and its behaviour ("rock", casual words) spreads to every persona: the minorities'
+//!   rewards drop below their start (eli 0.16 → 0.07, gus 0.13 → 0.03 at step 150) before
+//!   most of them partly recover. After 400 steps the 20% persona is mostly learned, the
+//!   8–12% ones partly, the 4–6% ones not at all (at or below their start with every
+//!   estimator). This small policy learns what the majority wants first.
+//! - **P-GRPO vs GRPO: no clear difference** (paired macro difference +0.009 ± 0.023 at
+//!   step 150, +0.007 ± 0.040 at step 400). At step 150 P-GRPO is behind on the 40% persona
+//!   (−0.050 ± 0.045); at step 400 it is ahead on the 12% persona by +0.17 ± 0.21 and behind
+//!   on ben and fay by 0.09, none of it significant. The paper's "P-GRPO beats GRPO in every
+//!   group" is not what this run shows.
+//! - **The ablation holds**: with shuffled group labels P-GRPO is clearly worse
+//!   (macro −0.143 ± 0.053 vs true labels; the 8–12% personas collapse to ~0.05), as pooled
+//!   normalisation is in the bandit example.
+//! - `--hint none` (4 seeds): macro 0.22 and frequency-weighted 0.43 for every estimator
+//!   (vs 0.37 and 0.59 with names) — without the name the policy can only learn a
+//!   compromise, and the estimators do not differ.
+//! - Time per step (one run alone, single-threaded candle, load ~5): 0.034 s (sampling 0.006 s,
+//!   update 0.029 s); with candle's default 2 threads under the same load 0.082 s. The
+//!   default (24 runs × 400 steps, 2 workers, 0.040 s per step per run) took 3 min 19 s.
+//! - SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to f32, `--estimators grpo,p_grpo`, 8
+//!   steps of 2 prompts × G = 4, ≤ 32 new tokens, 35-token prompts, `CANDLE_NUM_THREADS=1`,
+//!   load 6–7): 21.5 s per step (sampling 7.7 s, update 13.8 s), peak RSS 6.3 GB; with
+//!   candle's default threads the update took 31 s at the same load. The held-out reward
+//!   (4 samples per persona) rose from 0.014 to 0.07–0.08 for both estimators, mostly by
+//!   echoing the genre list of the prompt (1/7 of the genre part for everyone) — not
+//!   personalisation. Eight steps are a smoke test, not an experiment.
 
 mod report;
 mod task;
@@ -130,17 +181,24 @@ struct Args {
     /// --model].
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// Sampling temperature (training and evaluation).
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
+    /// Sampling temperature (training and evaluation) [default: 1.0; 0.7 with --model].
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass [default:
+    /// 1.0; 0.9 with --model].
+    #[arg(long)]
+    top_p: Option<f64>,
     /// What the prompt says about who is asking.
     #[arg(long, value_enum, default_value_t = Hint::Name)]
     hint: Hint,
+    /// Append the list of genres to the request [default: false; true with --model].
+    #[arg(long)]
+    list_genres: Option<bool>,
     /// Held-out completions per persona at each evaluation [default: 16; 4 with --model].
     #[arg(long)]
     eval_samples: Option<usize>,
     /// Evaluate every N steps (and always before the first and after the last) [default:
-    /// steps / 6; steps with --model].
+    /// steps / 8; steps with --model].
     #[arg(long)]
     eval_every: Option<usize>,
     /// KL coefficient β against the initial model (0 skips the reference pass).
@@ -177,7 +235,9 @@ struct Settings {
     lr: f64,
     max_new_tokens: usize,
     temperature: f64,
+    top_p: f64,
     hint: Hint,
+    list_genres: bool,
     eval_samples: usize,
     eval_every: usize,
     beta: f32,
@@ -201,12 +261,14 @@ impl Settings {
             prompts: pick(a.prompts, 8, 2),
             lr: a.lr.unwrap_or(if real { 1e-5 } else { 1e-3 }),
             max_new_tokens: pick(a.max_new_tokens, 8, 32),
-            temperature: a.temperature,
+            temperature: a.temperature.unwrap_or(if real { 0.7 } else { 1.0 }),
+            top_p: a.top_p.unwrap_or(if real { 0.9 } else { 1.0 }),
             hint: a.hint,
+            list_genres: a.list_genres.unwrap_or(real),
             eval_samples: pick(a.eval_samples, 16, 4),
             eval_every: a
                 .eval_every
-                .unwrap_or(if real { steps } else { (steps / 6).max(1) }),
+                .unwrap_or(if real { steps } else { (steps / 8).max(1) }),
             beta: a.beta,
             offset_weight: a.offset_weight,
             min_count: a.min_count,
@@ -274,6 +336,7 @@ impl Base {
         policy.with_entropy(false).with_sampling(SamplingConfig {
             max_new_tokens: s.max_new_tokens,
             temperature: s.temperature,
+            top_p: s.top_p,
             ..Default::default()
         })
     }
@@ -584,7 +647,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prompts: Vec<Vec<u32>> = PERSONAS
         .iter()
         .map(|p| {
-            let text = task::prompt_text(p, s.hint);
+            let text = task::prompt_text(p, s.hint, s.list_genres);
             tokenizer
                 .encode(text.as_str(), false)
                 .map(|e| e.get_ids().to_vec())
@@ -610,7 +673,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "G = {}, {} prompts/step, {} steps, {} seeds, AdamW lr {}, β = {}, temperature {}, \
-         max {} new tokens, hint {:?}, offset weight {}, min_count {}",
+         top-p {}, max {} new tokens, hint {:?}, genre list {}, offset weight {}, min_count {}",
         s.g,
         s.prompts,
         s.steps,
@@ -618,14 +681,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.lr,
         s.beta,
         s.temperature,
+        s.top_p,
         s.max_new_tokens,
         s.hint,
+        s.list_genres,
         s.offset_weight,
         s.min_count
     );
     println!(
         "prompt of ava: {:?} ({} tokens)",
-        task::prompt_text(&PERSONAS[0], s.hint),
+        task::prompt_text(&PERSONAS[0], s.hint, s.list_genres),
         prompts[0].len()
     );
     println!("\nreward R = 0.5·genre + 0.5·style; genre = 1/#genres named if the persona's is named, else 0");
@@ -714,12 +779,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     report::print_paired(&results, &arm_names, "p_grpo_shuffled", "p_grpo", &steps);
     report::print_timings(&results, &arm_names);
 
-    if let Some(first) = results.iter().find(|r| r.seed == 0) {
+    for r in results.iter().filter(|r| r.seed == 0) {
         println!(
             "\n## One held-out completion per persona after training ({}, seed 0)",
-            arm_names[first.arm]
+            arm_names[r.arm]
         );
-        for (p, text) in PERSONAS.iter().zip(&first.examples) {
+        for (p, text) in PERSONAS.iter().zip(&r.examples) {
             println!("{:<6} {text:?}", p.name);
         }
     }

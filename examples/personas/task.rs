@@ -130,7 +130,7 @@ const TECHNICAL: [&str; 5] = ["tempo", "bpm", "chord", "harmonic", "timbre"];
 const POETIC: [&str; 5] = ["moon", "dream", "whisper", "soul", "starlight"];
 const HUMOROUS: [&str; 5] = ["haha", "lol", "joke", "funny", "silly"];
 /// Neutral words of the from-scratch vocabulary (and the words of the prompt).
-const FILLER: [&str; 44] = [
+const FILLER: [&str; 45] = [
     "user",
     "assistant",
     "i",
@@ -175,6 +175,7 @@ const FILLER: [&str; 44] = [
     "like",
     "night",
     "day",
+    "or",
 ];
 const PUNCTUATION: [&str; 4] = [".", ",", "!", "?"];
 
@@ -226,27 +227,37 @@ pub fn score(persona: &Persona, text: &str) -> Score {
 /// Whether the prompt names the persona.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hint {
-    /// "I am Ava. Recommend some music for me." — the policy sees who is asking.
+    /// "I am Ava. Recommend some music for me. …" — the policy sees who is asking.
     Name,
-    /// "Recommend some music for me." for everyone — the policy cannot tell personas apart.
+    /// "Recommend some music for me. …" for everyone — the policy cannot tell personas apart.
     None,
 }
 
+/// The request every persona makes.
+const REQUEST: &str = "Recommend some music for me.";
+/// Appended with `list_genres`: SmolLM2-135M names a genre far more often when the request
+/// lists them (without the list it mostly writes about music without naming one).
+const GENRE_LIST: &str = " Rock, pop, jazz, classical, folk, hiphop or electronic?";
+
 /// The user message of a persona.
-pub fn user_message(persona: &Persona, hint: Hint) -> String {
-    match hint {
+pub fn user_message(persona: &Persona, hint: Hint, list_genres: bool) -> String {
+    let mut msg = match hint {
         Hint::Name => {
             let mut name = persona.name.to_owned();
             name[..1].make_ascii_uppercase();
-            format!("I am {name}. Recommend some music for me.")
+            format!("I am {name}. {REQUEST}")
         }
-        Hint::None => "Recommend some music for me.".to_owned(),
+        Hint::None => REQUEST.to_owned(),
+    };
+    if list_genres {
+        msg.push_str(GENRE_LIST);
     }
+    msg
 }
 
 /// The one-turn ChatML prompt of a persona.
-pub fn prompt_text(persona: &Persona, hint: Hint) -> String {
-    chatml(None, &user_message(persona, hint))
+pub fn prompt_text(persona: &Persona, hint: Hint, list_genres: bool) -> String {
+    chatml(None, &user_message(persona, hint, list_genres))
 }
 
 /// Special tokens of the from-scratch vocabulary: ids 0, 1, 2 (as in SmolLM2).
