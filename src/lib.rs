@@ -91,6 +91,7 @@ pub mod metrics;
 pub mod models;
 pub mod movielens;
 pub mod objective;
+pub mod ops;
 pub mod optim;
 pub mod policy;
 mod reward;

@@ -24,7 +24,7 @@ pub mod tokenizer;
 
 pub use config::{LlamaConfig, TokenIds};
 pub use gguf::GgufFile;
-pub use model::{Grad, KvCache, Llama};
+pub use model::{Grad, Kernels, KvCache, Llama};
 pub use policy::LmPolicy;
 pub use sampling::{sample_token, SamplingConfig};
 pub use tokenizer::{chatml, Tokenizer};

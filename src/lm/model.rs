@@ -33,6 +33,24 @@ pub enum Grad {
     Detached,
 }
 
+/// Which kernels a [`Llama`] runs.
+///
+/// Both give the same numbers (to float rounding) and the same gradients; the choice only
+/// changes speed and memory. Set with [`Llama::with_kernels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused kernels of [`crate::ops`] (RMSNorm, linear, RoPE, attention, SwiGLU,
+    /// log-softmax + gather), each one graph node with its own backward, on the CPU in `f32`;
+    /// for other devices and dtypes every op falls back to its candle composition. Default.
+    #[default]
+    Fused,
+    /// candle's stock differentiable ops only (`rms_norm_slow`, `softmax`, rotate-half RoPE
+    /// from `narrow`/`cat`, `matmul` with `w.t()`, `log_softmax` + `gather`), with candle's
+    /// fused no-grad kernels in [`Grad::Detached`] mode: the reference the fused path is
+    /// tested against, and the "stock candle" baseline of the benchmarks.
+    Reference,
+}
+
 /// A linear layer `y = x Wᵀ (+ b)` with `W: (out, in)`.
 #[derive(Debug, Clone)]
 struct Linear {
@@ -88,12 +106,14 @@ pub struct Llama {
     norm: Var,
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<Var>,
+    kernels: Kernels,
 }
 
 /// Key/value cache for incremental decoding, one entry per block.
 ///
-/// Holds, per block, keys and values of shape `(B, num_kv_heads, T_past, head_dim)` (after
-/// RoPE), plus which past columns are real tokens and each row's next RoPE position. Created
+/// Holds, per block, keys and values (after RoPE) of shape `(B, T_past, num_kv_heads,
+/// head_dim)` under [`Kernels::Fused`], `(B, num_kv_heads, T_past, head_dim)` under
+/// [`Kernels::Reference`], plus which past columns are real tokens and each row's next RoPE position. Created
 /// empty by [`Llama::new_cache`] and filled by [`Llama::forward_cached`].
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -162,10 +182,12 @@ impl KvCache {
 
 /// Attention inputs shared by all blocks for one forward call.
 struct AttnCtx {
-    /// `(B, T, head_dim / 2)` RoPE cosines / sines.
+    /// `(B, T, head_dim / 2)` RoPE cosines / sines (reference kernels with a graph:
+    /// `(B, 1, T, head_dim)`, sign folded into `sin`).
     cos: Tensor,
     sin: Tensor,
-    /// `(B, 1, T, T_past + T)` additive mask: 0 where attention is allowed, -inf elsewhere.
+    /// Additive mask, 0 where attention is allowed, -inf elsewhere: `(B, T, T_past + T)`
+    /// (reference kernels: `(B, 1, T, T_past + T)`).
     mask: Tensor,
 }
 
@@ -299,7 +321,25 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            kernels: Kernels::default(),
         })
+    }
+
+    /// The same model (sharing its vars) running `kernels`.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Switches the kernels (the vars are untouched). A [`KvCache`] filled under one setting
+    /// must not be used under the other.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// The architecture.
@@ -400,6 +440,7 @@ impl Llama {
             layers,
             norm: copy(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(copy).transpose()?,
+            kernels: self.kernels,
         })
     }
 
@@ -510,10 +551,20 @@ impl Llama {
         let ctx = self.attn_ctx(b, t, real, cache, grad)?;
         let w = |v: &Var| weight(v, grad);
         let mut x = w(&self.embed_tokens).index_select(&ids.flatten_all()?, 0)?; // (B·T, H)
+        let fused = self.kernels == Kernels::Fused;
         for (block, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            x = block.forward(&x, b, t, &self.config, &ctx, kv, grad)?;
+            x = if fused {
+                block.forward_fused(&x, b, t, &self.config, &ctx, kv, grad)?
+            } else {
+                block.forward(&x, b, t, &self.config, &ctx, kv, grad)?
+            };
         }
-        let x = rms_norm(&x, &w(&self.norm), self.config.rms_norm_eps, grad)?;
+        let eps = self.config.rms_norm_eps;
+        let x = if fused {
+            crate::ops::rms_norm(&x, &w(&self.norm), eps as f32)?
+        } else {
+            rms_norm(&x, &w(&self.norm), eps, grad)?
+        };
         Ok(x.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -523,7 +574,10 @@ impl Llama {
         let dims = hidden.dims().to_vec();
         let hsz = *dims.last().unwrap_or(&0);
         let x = hidden.reshape(((), hsz))?;
-        let y = x.matmul(&weight(head, grad).t()?)?;
+        let y = match self.kernels {
+            Kernels::Fused => crate::ops::linear(&x, &weight(head, grad))?,
+            Kernels::Reference => x.matmul(&weight(head, grad).t()?)?,
+        };
         let mut out = dims;
         if let Some(last) = out.last_mut() {
             *last = self.config.vocab_size;
@@ -550,7 +604,7 @@ impl Llama {
         let tk = past + t;
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
-        let mut mask = vec![f64::NEG_INFINITY; b * t * tk];
+        let mut mask = vec![f32::NEG_INFINITY; b * t * tk];
         for row in 0..b {
             let new_real = &real[row * t..(row + 1) * t];
             cache.real[row].extend_from_slice(new_real);
@@ -580,15 +634,19 @@ impl Llama {
         let dt = self.dtype;
         let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dt)?;
         let sin = Tensor::from_vec(sin, (b, t, half), dev)?.to_dtype(dt)?;
-        let (cos, sin) = match grad {
+        let (cos, sin) = match (self.kernels, grad) {
+            (Kernels::Fused, _) | (Kernels::Reference, Grad::Detached) => (cos, sin),
             // Full-width tables for `x·cos + swap_halves(x)·sin` with the sign folded into sin.
-            Grad::Track => (
+            (Kernels::Reference, Grad::Track) => (
                 Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?,
                 Tensor::cat(&[&sin.neg()?, &sin], D::Minus1)?.unsqueeze(1)?,
             ),
-            Grad::Detached => (cos, sin),
         };
-        let mask = Tensor::from_vec(mask, (b, 1, t, tk), dev)?.to_dtype(dt)?;
+        let mask = match self.kernels {
+            Kernels::Fused => Tensor::from_vec(mask, (b, t, tk), dev)?,
+            Kernels::Reference => Tensor::from_vec(mask, (b, 1, t, tk), dev)?,
+        }
+        .to_dtype(dt)?;
         Ok(AttnCtx { cos, sin, mask })
     }
 }
@@ -647,7 +705,66 @@ impl Block {
     }
 }
 
+impl Block {
+    /// [`Block::forward`] with the fused kernels of [`crate::ops`] (one graph node per op;
+    /// `q`, `k`, `v` stay in `(B, T, heads, head_dim)` layout, no transposes).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        cfg: &LlamaConfig,
+        ctx: &AttnCtx,
+        kv: &mut Option<(Tensor, Tensor)>,
+        grad: Grad,
+    ) -> Result<Tensor> {
+        use crate::ops;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let h = ops::rms_norm(x, &weight(&self.input_layernorm, grad), eps)?;
+        let q = self
+            .q_proj
+            .forward_fused(&h, grad)?
+            .reshape((b, t, nh, hd))?;
+        let k = self
+            .k_proj
+            .forward_fused(&h, grad)?
+            .reshape((b, t, nkv, hd))?;
+        let v = self
+            .v_proj
+            .forward_fused(&h, grad)?
+            .reshape((b, t, nkv, hd))?;
+        let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = ops::attention(&q, &k, &v, &ctx.mask, scale)?.reshape((b * t, nh * hd))?;
+        let x = (x + self.o_proj.forward_fused(&attn, grad)?)?;
+        let h = ops::rms_norm(&x, &weight(&self.post_attention_layernorm, grad), eps)?;
+        let gate = self.gate_proj.forward_fused(&h, grad)?;
+        let up = self.up_proj.forward_fused(&h, grad)?;
+        let y = self
+            .down_proj
+            .forward_fused(&ops::swiglu(&gate, &up)?, grad)?;
+        Ok((x + y)?)
+    }
+}
+
 impl Linear {
+    /// [`Linear::forward`] through [`crate::ops::linear`].
+    fn forward_fused(&self, x: &Tensor, grad: Grad) -> Result<Tensor> {
+        let y = crate::ops::linear(x, &weight(&self.weight, grad))?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&weight(b, grad))?,
+            None => y,
+        })
+    }
+
     /// `x: (N, in)` → `(N, out)`.
     fn forward(&self, x: &Tensor, grad: Grad) -> Result<Tensor> {
         let y = x.matmul(&weight(&self.weight, grad).t()?)?;

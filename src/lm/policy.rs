@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 
 use super::hf::TOKENIZER_FILE;
-use super::model::{Grad, Llama};
+use super::model::{Grad, Kernels, Llama};
 use super::sampling::SamplingConfig;
 use super::tokenizer::{self, Tokenizer};
 use crate::{Error, Policy, Result, TokenLogProbs};
@@ -91,14 +91,27 @@ impl Llama {
         let h = self.hidden_states(&ids, &real, None, grad)?;
         let h = h.narrow(1, p - 1, c)?;
         let logits = self.logits(&h, grad)?; // (B, C, V)
-        let logp_all = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let idx = Tensor::from_vec(targets, (b, c, 1), &dev)?;
-        let logp = logp_all.gather(&idx, 2)?.squeeze(2)?;
-        let entropy = if with_entropy {
-            let lp = logp_all.detach();
-            Some((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?)
-        } else {
-            None
+        let (logp, entropy) = match self.kernels() {
+            Kernels::Fused => {
+                let idx = Tensor::from_vec(targets, (b, c), &dev)?;
+                let logp = crate::ops::log_softmax_gather(&logits, &idx)?;
+                let entropy = with_entropy
+                    .then(|| crate::ops::entropy_last_dim(&logits))
+                    .transpose()?;
+                (logp, entropy)
+            }
+            Kernels::Reference => {
+                let logp_all = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                let idx = Tensor::from_vec(targets, (b, c, 1), &dev)?;
+                let logp = logp_all.gather(&idx, 2)?.squeeze(2)?;
+                let entropy = if with_entropy {
+                    let lp = logp_all.detach();
+                    Some((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?)
+                } else {
+                    None
+                };
+                (logp, entropy)
+            }
         };
         let mask = Tensor::from_vec(mask, (b, c), &dev)?.to_dtype(self.dtype())?;
         Ok(TokenLogProbs {

@@ -13,9 +13,9 @@ use crate::{Error, Result};
 ///
 /// The same update, to the bit, as [`candle_nn::AdamW`] (same `f32` operations in the same
 /// order), with the same [`ParamsAdamW`] config, but:
-/// - parameters are updated **in place** in one pass per variable (no new tensors per step)
-///   for contiguous `f32`/`f64` variables on the CPU; other dtypes and devices take the tensor
-///   path, which is candle's formula;
+/// - parameters are updated **in place** in one fused pass per variable (no new tensors per
+///   step), split over the cores in chunks (rayon), for contiguous `f32`/`f64` variables on
+///   the CPU; other dtypes and devices take the tensor path, which is candle's formula;
 /// - its state (first and second moments of every variable, step count) can be exported and
 ///   restored ([`state`](Self::state), [`load_state`](Self::load_state), and the
 ///   [`OptimizerState`] trait the [`Trainer`](crate::Trainer)'s checkpoints use).
@@ -365,8 +365,13 @@ impl Float for f64 {
     }
 }
 
-impl<T: Float> Kernel<'_, T> {
+/// Elements per rayon task: large enough to amortise scheduling, small enough to spread a
+/// single large variable (the embedding) over every core.
+const CHUNK: usize = 32 * 1024;
+
+impl<T: Float + Send + Sync> Kernel<'_, T> {
     fn run(&self, theta: &mut [T], g: &[T]) {
+        use rayon::prelude::*;
         let c = &self.c;
         let s = |x: f64| T::from_f64(x);
         let (b1, omb1) = (s(c.beta1), s(1.0 - c.beta1));
@@ -375,13 +380,27 @@ impl<T: Float> Kernel<'_, T> {
         let (decay, lr, eps) = (s(1.0 - c.lr_lambda), s(c.lr), s(c.eps));
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
-        for (((th, &gi), mi), vi) in theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let nm = *mi * b1 + gi * omb1;
-            let nv = *vi * b2 + (gi * gi) * omb2;
-            *mi = nm;
-            *vi = nv;
-            let adjusted = (nm * sm) / ((nv * sv).sqrt() + eps);
-            *th = *th * decay - adjusted * lr;
+        // Every element is independent: splitting the work changes no result bit.
+        #[allow(clippy::type_complexity)]
+        let update = |(((th, g), m), v): (((&mut [T], &[T]), &mut [T]), &mut [T])| {
+            for (((th, &gi), mi), vi) in th.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let nm = *mi * b1 + gi * omb1;
+                let nv = *vi * b2 + (gi * gi) * omb2;
+                *mi = nm;
+                *vi = nv;
+                let adjusted = (nm * sm) / ((nv * sv).sqrt() + eps);
+                *th = *th * decay - adjusted * lr;
+            }
+        };
+        if theta.len() <= CHUNK {
+            update((((theta, g), &mut m[..]), &mut v[..]));
+        } else {
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(update);
         }
     }
 }

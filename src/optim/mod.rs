@@ -13,30 +13,86 @@ pub use candle_nn::ParamsAdamW;
 pub use state::{OptimizerSnapshot, OptimizerState};
 
 use candle_core::backprop::GradStore;
-use candle_core::Var;
+use candle_core::{CpuStorage, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
 /// The global L2 norm of the gradients of `vars`, `sqrt(Σ_v ‖∇v‖²)`; vars without a gradient
-/// count as zero.
+/// count as zero. Squares are summed in `f64`; for contiguous `f32` CPU gradients in one
+/// parallel pass without temporaries (chunk sums added in a fixed order, so the result does
+/// not depend on the thread count's scheduling).
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     let mut sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            sq += sum_squares(g)?;
         }
     }
     Ok(sq.sqrt())
 }
 
+/// `Σ g²` in `f64`.
+fn sum_squares(g: &Tensor) -> Result<f64> {
+    if g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous() {
+        use rayon::prelude::*;
+        const CHUNK: usize = 64 * 1024;
+        let (s, l) = g.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*s, l.contiguous_offsets())
+        {
+            let parts: Vec<f64> = v[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            return Ok(parts.iter().sum());
+        }
+    }
+    Ok(g.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
+/// Multiplies a contiguous CPU tensor in place.
+struct ScaleInPlace(f64);
+
+impl candle_core::InplaceOp1 for ScaleInPlace {
+    fn name(&self) -> &'static str {
+        "pgrpo-scale-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("scale in place: expected a contiguous tensor");
+        };
+        match s {
+            CpuStorage::F32(v) => {
+                let k = self.0 as f32;
+                v[a..b]
+                    .par_chunks_mut(64 * 1024)
+                    .for_each(|c| c.iter_mut().for_each(|x| *x *= k));
+            }
+            CpuStorage::F64(v) => {
+                let k = self.0;
+                v[a..b]
+                    .par_chunks_mut(64 * 1024)
+                    .for_each(|c| c.iter_mut().for_each(|x| *x *= k));
+            }
+            _ => candle_core::bail!("scale in place: expected f32 or f64"),
+        }
+        Ok(())
+    }
+}
+
 /// Scales the gradients of `vars` in `grads` so that their global norm is at most `max_norm`
 /// (PyTorch's `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when `norm > max_norm`).
 /// Returns the norm before clipping.
+///
+/// Contiguous `f32`/`f64` CPU gradients are scaled **in place**, as PyTorch's `mul_` does (the
+/// gradients `Tensor::backward` returns own their storage); others are replaced by scaled
+/// copies.
 ///
 /// # Errors
 /// [`Error::NonFiniteGradient`] if the norm is NaN or infinite (the gradients are left as they
@@ -49,7 +105,13 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
     if norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for v in vars {
-            if let Some(g) = grads.remove(v) {
+            let Some(g) = grads.get(v) else { continue };
+            if g.device().is_cpu()
+                && matches!(g.dtype(), DType::F32 | DType::F64)
+                && g.is_contiguous()
+            {
+                g.inplace_op1(&ScaleInPlace(scale))?;
+            } else if let Some(g) = grads.remove(v) {
                 grads.insert(v, (g * scale)?);
             }
         }

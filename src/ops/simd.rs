@@ -1,0 +1,235 @@
+//! Vectorisable row primitives (max, `exp` sums, scaled `exp`) compiled three times — for
+//! AVX-512, AVX2+FMA and the baseline target — and picked at run time, so one binary uses
+//! the widest vectors the CPU has and still runs everywhere.
+//!
+//! Sums use 16 explicit lanes, so the result is the same bits whatever vector width runs
+//! them. `exp` is a Cephes-style range reduction plus a degree-6 polynomial (about 2 ulp),
+//! written branch-free so that it vectorises.
+
+/// Defines `fn name(args) -> ret` from a generic body plus AVX-512 and AVX2 clones, chosen at
+/// run time.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn v4($($arg: $ty),*) -> $ret {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) -> $ret {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+/// `e^x` for `f32`, about 2 ulp on `[-87, 88]`, 0 below, saturating above.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = xc - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let bits = (t.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
+    let v = y * f32::from_bits(bits as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+fn lanes_sum(acc: [f32; LANES]) -> f32 {
+    // A fixed pairwise order.
+    let mut w = acc;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            w[i] += w[i + n];
+        }
+    }
+    w[0]
+}
+
+multiversion! {
+    /// The maximum of `x` (`-inf` when empty; NaN-ignoring).
+    pub(crate) fn max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                acc[l] = acc[l].max(c[l]);
+            }
+        }
+        let mut m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for &v in chunks.remainder() {
+            m = m.max(v);
+        }
+        m
+    }
+}
+
+multiversion! {
+    /// `Σ e^(x − m)`.
+    pub(crate) fn sum_exp(x: &[f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                acc[l] += exp(c[l] - m);
+            }
+        }
+        let mut s = lanes_sum(acc);
+        for &v in chunks.remainder() {
+            s += exp(v - m);
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `(Σ e^(x − m), Σ e^(x − m) · x)`.
+    pub(crate) fn sum_exp_dot(x: &[f32], m: f32) -> (f32, f32) {
+        let mut acc = [0f32; LANES];
+        let mut accx = [0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let e = exp(c[l] - m);
+                acc[l] += e;
+                accx[l] += e * c[l];
+            }
+        }
+        let (mut s, mut sx) = (lanes_sum(acc), lanes_sum(accx));
+        for &v in chunks.remainder() {
+            let e = exp(v - m);
+            s += e;
+            sx += e * v;
+        }
+        (s, sx)
+    }
+}
+
+multiversion! {
+    /// `out = scale · e^(x − sub)`.
+    pub(crate) fn exp_scaled(x: &[f32], sub: f32, scale: f32, out: &mut [f32]) -> () {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scale * exp(v - sub);
+        }
+    }
+}
+
+multiversion! {
+    /// In place `x ← e^(x − m)`; returns the sum.
+    pub(crate) fn exp_inplace(x: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                c[l] = exp(c[l] - m);
+                acc[l] += c[l];
+            }
+        }
+        let mut s = lanes_sum(acc);
+        for v in chunks.into_remainder() {
+            *v = exp(*v - m);
+            s += *v;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `Σ a ⊙ b`.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut ca = a.chunks_exact(LANES);
+        let mut cb = b.chunks_exact(LANES);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s = lanes_sum(acc);
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            s += x * y;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// In place `x ← x · s`.
+    pub(crate) fn scale(x: &mut [f32], s: f32) -> () {
+        for v in x.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+/// In-place softmax of one row (a row of `-inf` only gives NaN, as candle's does).
+#[inline]
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let m = max(row);
+    let s = exp_inplace(row, m);
+    scale(row, 1.0 / s);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (super::exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn sums_match_scalar_code() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.71).sin() * 3.0).collect();
+        let m = super::max(&x);
+        assert_eq!(m, x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+        let s: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        assert!((super::sum_exp(&x, m) as f64 - s).abs() < 1e-5 * s);
+        let d: f32 = x.iter().map(|v| v * v).sum();
+        assert!((super::dot(&x, &x) - d).abs() < 1e-4 * d);
+    }
+}
