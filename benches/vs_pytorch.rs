@@ -10,8 +10,9 @@
 //!
 //! Every measurement runs in its own child process (this binary again, or
 //! `python3 benches/pytorch/mirror.py`), so each peak RSS is that of one workload; the
-//! sides alternate shape by shape, so a change in machine load hits both. Times are medians
-//! over the measured repetitions after one warm-up. Threads: `PGRPO_VS_THREADS` (default 2)
+//! sides alternate shape by shape, so a change in machine load hits both. Times are the fastest
+//! of the measured repetitions after the warm-up (interference from other work on a shared
+//! machine only ever adds time), best of `PGRPO_VS_ROUNDS` alternating rounds. Threads: `PGRPO_VS_THREADS` (default 2)
 //! for rayon (pgrpo, candle) and `torch.set_num_threads`.
 //!
 //! The pgrpo side runs with glibc's allocator tuned through environment variables set on its
@@ -86,16 +87,6 @@ fn rounds() -> usize {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2)
         .max(1)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 /// Peak resident memory of this process in MiB (`VmHWM`).
@@ -229,22 +220,37 @@ fn child_step(dir: &Path, variant: &str) -> Value {
     let mut opt = Opt::new(ours, vars.clone());
     let steps = cfg["steps"].as_u64().unwrap_or(3) as usize;
     let (mut times, mut losses, mut norms) = (vec![], vec![], vec![]);
-    for _ in 0..steps {
+    let mut var_norms = vec![];
+    let mut phases = vec![];
+    for step in 0..steps {
         let t0 = Instant::now();
         let lp = model
             .token_log_probs(&p, &c, Grad::Track, false)
             .expect("log-probs");
         let n = lp.logp.elem_count() as f64;
         let loss = (lp.logp.sum_all().expect("sum") * (-1.0 / n)).expect("loss");
+        let t_fwd = t0.elapsed().as_secs_f64();
         let mut grads = loss.backward().expect("backward");
+        let t_bwd = t0.elapsed().as_secs_f64();
+        if step == 0 && std::env::var("PGRPO_VS_VAR_NORMS").is_ok() {
+            var_norms = vars
+                .iter()
+                .map(|v| pgrpo::optim::grad_norm(std::slice::from_ref(v), &grads).expect("norm"))
+                .collect();
+        }
         let norm = clip_grad_norm(&vars, &mut grads, MAX_NORM).expect("clip");
+        let t_clip = t0.elapsed().as_secs_f64();
         opt.step(&grads);
         drop(grads);
-        times.push(t0.elapsed().as_secs_f64());
+        let t_all = t0.elapsed().as_secs_f64();
+        times.push(t_all);
+        phases.push([t_fwd, t_bwd - t_fwd, t_clip - t_bwd, t_all - t_clip]);
         losses.push(loss.to_scalar::<f32>().expect("loss") as f64);
         norms.push(norm);
     }
-    json!({"times": times, "losses": losses, "grad_norms": norms, "peak_rss_mb": peak_rss_mb()})
+    json!({"times": times, "losses": losses, "grad_norms": norms, "var_norms": var_norms,
+           "phases": phases,
+           "peak_rss_mb": peak_rss_mb()})
 }
 
 fn child_optimizer(dir: &Path, variant: &str) -> Value {
@@ -490,13 +496,14 @@ fn times(v: &Option<Value>) -> f64 {
         .and_then(|v| v["times"].as_array().cloned())
         .map(|t| {
             let t: Vec<f64> = t.iter().filter_map(Value::as_f64).collect();
-            // The first repetitions are the warm-up (PyTorch's first two steps are slow).
+            // The first repetitions are the warm-up (PyTorch's first two steps are slow); of
+            // the rest the fastest counts (the machine is shared: interference only adds).
             let skip = if t.len() > 3 {
                 2
             } else {
                 usize::from(t.len() > 1)
             };
-            median(&t[skip..])
+            t[skip..].iter().copied().fold(f64::INFINITY, f64::min)
         })
         .unwrap_or(f64::NAN)
 }
@@ -538,7 +545,7 @@ fn first_f64(v: &Option<Value>, key: &str, i: usize) -> f64 {
 fn bench_step(root: &Path, names: &[String]) {
     let levers = std::env::var("PGRPO_VS_LEVERS").is_ok_and(|v| v != "0");
     println!("\n## Training step: forward + backward + clip + AdamW, {BATCH} x {SEQ} tokens, f32");
-    println!("(times: median s/step after 1 warm-up; memory: peak RSS of the process, MiB)\n");
+    println!("(times: fastest step after 2 warm-up steps, best of the alternating rounds; memory: peak RSS of the process, MiB; grad norm: exact f64 norm on both sides)\n");
     println!(
         "| model | params | pgrpo s | PyTorch s | stock candle s | pgrpo/PyTorch | stock/PyTorch | pgrpo MiB | PyTorch MiB | stock MiB | loss rel. diff (steps 1,2,3) | grad-norm rel. diff (1,2,3) | load |"
     );

@@ -14,6 +14,7 @@ Needs only torch (the safetensors reader is below, 20 lines).
 """
 import json
 import math
+import os
 import resource
 import struct
 import sys
@@ -165,21 +166,33 @@ def step(d, cfg):
     params = model.named()
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=cfg["weight_decay"])
-    times, losses, norms = [], [], []
+    times, losses, norms, var_norms, phases = [], [], [], [], []
     for _ in range(cfg["steps"]):
         t0 = time.perf_counter()
         logits = model(ids)
         logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         loss = -logp.mean()
+        t_fwd = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_norm"])
+        t1 = time.perf_counter()
+        # Untimed: the exact (f64) global norm, for the cross-check; clip_grad_norm_ sums in
+        # f32 and is off by up to ~1e-4 relative at these sizes.
+        norm64 = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in params))
+        if not norms and os.environ.get("PGRPO_VS_VAR_NORMS"):
+            var_norms = [p.grad.double().norm().item() for p in params]
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, cfg["max_norm"])
         opt.step()
-        times.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        times.append(t3 - t2 + (t1 - t0))
+        phases.append([t_fwd - t0, t1 - t_fwd, t3 - t2])
         losses.append(loss.item())
-        norms.append(norm.item())
+        norms.append(norm64)
         del logits, logp, loss
-    return {"times": times, "losses": losses, "grad_norms": norms, "peak_rss_mb": peak_rss_mb()}
+    return {"times": times, "losses": losses, "grad_norms": norms, "var_norms": var_norms,
+            "phases": phases,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def optimizer(d, cfg):
