@@ -203,6 +203,7 @@ fn child_step(dir: &Path, variant: &str) -> Value {
     let (kernels, ours) = match variant {
         "pgrpo" | "pgrpo-no-malloc" => (Kernels::Fused, true),
         "pgrpo-reference-kernels" => (Kernels::Reference, true),
+        "pgrpo-per-op-kernels" => (Kernels::FusedOps, true),
         "pgrpo-candle-adamw" => (Kernels::Fused, false),
         _ => (Kernels::Reference, false), // "candle": stock ops and candle_nn::AdamW
     };
@@ -626,6 +627,11 @@ fn bench_step(root: &Path, names: &[String]) {
             let mut row = vec![(name.to_string(), "pgrpo (all on)".to_string(), to)];
             for (label, variant, malloc) in [
                 ("malloc tuning off", "pgrpo-no-malloc", false),
+                (
+                    "per-op fused kernels, no whole-block node",
+                    "pgrpo-per-op-kernels",
+                    true,
+                ),
                 ("stock kernels (own AdamW)", "pgrpo-reference-kernels", true),
                 ("candle_nn::AdamW", "pgrpo-candle-adamw", true),
             ] {

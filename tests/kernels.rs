@@ -83,6 +83,7 @@ fn fused_log_probs_entropy_and_every_gradient_match_the_reference() {
         let fused = model(bias, tied, 1);
         assert_eq!(fused.kernels(), Kernels::Fused);
         let reference = fused.clone().with_kernels(Kernels::Reference);
+        let per_op = fused.clone().with_kernels(Kernels::FusedOps);
         let (p, c) = batch();
         let (p, c): (Vec<&[u32]>, Vec<&[u32]>) = (
             p.iter().map(Vec::as_slice).collect(),
@@ -107,6 +108,21 @@ fn fused_log_probs_entropy_and_every_gradient_match_the_reference() {
         };
         let (lf, gf) = run(&fused);
         let (lr, gr) = run(&reference);
+        let (lo, go) = run(&per_op);
+        // The whole-block node against the per-op kernels it is built from.
+        assert!(
+            rel(
+                &(&lf.logp * &lf.mask).unwrap(),
+                &(&lo.logp * &lo.mask).unwrap()
+            ) < 2e-6
+        );
+        for (name, var) in fused.named_vars() {
+            let r = rel(gf.get(&var).unwrap(), go.get(&var).unwrap());
+            assert!(
+                r < 1e-4,
+                "{name}: block vs per-op relative gradient difference {r}"
+            );
+        }
         let masked = |t: &Tensor, m: &Tensor| (t * m).unwrap();
         assert!(rel(&masked(&lf.logp, &lf.mask), &masked(&lr.logp, &lr.mask)) < 2e-6);
         assert!(rel(&lf.entropy.unwrap(), &lr.entropy.unwrap()) < 2e-6);

@@ -42,8 +42,13 @@ pub enum Kernels {
     /// The fused kernels of [`crate::ops`] (RMSNorm, linear, RoPE, attention, SwiGLU,
     /// log-softmax + gather), each one graph node with its own backward, on the CPU in `f32`;
     /// for other devices and dtypes every op falls back to its candle composition. Default.
+    /// On the CPU in `f32` the training forward ([`Grad::Track`] without a caller's cache)
+    /// goes further: each decoder block is one graph node ([`crate::ops::decoder_block`]).
     #[default]
     Fused,
+    /// The per-op fused kernels only (no whole-block node): for measuring what the block
+    /// node buys, and as a second reference.
+    FusedOps,
     /// candle's stock differentiable ops only (`rms_norm_slow`, `softmax`, rotate-half RoPE
     /// from `narrow`/`cat`, `matmul` with `w.t()`, `log_softmax` + `gather`), with candle's
     /// fused no-grad kernels in [`Grad::Detached`] mode: the reference the fused path is
@@ -528,6 +533,7 @@ impl Llama {
                 expected: b * t,
             });
         }
+        let caller_cache = cache.is_some();
         let mut fresh;
         let cache = match cache {
             Some(c) => c,
@@ -551,8 +557,33 @@ impl Llama {
         let ctx = self.attn_ctx(b, t, real, cache, grad)?;
         let w = |v: &Var| weight(v, grad);
         let mut x = w(&self.embed_tokens).index_select(&ids.flatten_all()?, 0)?; // (B·T, H)
-        let fused = self.kernels == Kernels::Fused;
+        let fused = self.kernels != Kernels::Reference;
+        // Training forward on the CPU in f32: each block is one graph node (no KV cache to fill).
+        let whole_blocks = self.kernels == Kernels::Fused
+            && grad == Grad::Track
+            && !caller_cache
+            && crate::ops::fusable(&x)
+            && self.config.num_kv_heads() > 0;
+        if whole_blocks {
+            let shape = crate::ops::BlockShape {
+                batch: b,
+                seq: t,
+                heads: self.config.num_attention_heads,
+                kv_heads: self.config.num_kv_heads(),
+                head_dim: self.config.head_dim(),
+                eps: self.config.rms_norm_eps as f32,
+                cos: ctx.cos.flatten_all()?.to_vec1::<f32>()?.into(),
+                sin: ctx.sin.flatten_all()?.to_vec1::<f32>()?.into(),
+                mask: ctx.mask.flatten_all()?.to_vec1::<f32>()?.into(),
+            };
+            for block in &self.layers {
+                x = crate::ops::decoder_block(&x, &block.weights(), &shape)?;
+            }
+        }
         for (block, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            if whole_blocks {
+                break;
+            }
             x = if fused {
                 block.forward_fused(&x, b, t, &self.config, &ctx, kv, grad)?
             } else {
@@ -575,7 +606,7 @@ impl Llama {
         let hsz = *dims.last().unwrap_or(&0);
         let x = hidden.reshape(((), hsz))?;
         let y = match self.kernels {
-            Kernels::Fused => crate::ops::linear(&x, &weight(head, grad))?,
+            Kernels::Fused | Kernels::FusedOps => crate::ops::linear(&x, &weight(head, grad))?,
             Kernels::Reference => x.matmul(&weight(head, grad).t()?)?,
         };
         let mut out = dims;
@@ -635,7 +666,9 @@ impl Llama {
         let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dt)?;
         let sin = Tensor::from_vec(sin, (b, t, half), dev)?.to_dtype(dt)?;
         let (cos, sin) = match (self.kernels, grad) {
-            (Kernels::Fused, _) | (Kernels::Reference, Grad::Detached) => (cos, sin),
+            (Kernels::Fused | Kernels::FusedOps, _) | (Kernels::Reference, Grad::Detached) => {
+                (cos, sin)
+            }
             // Full-width tables for `x·cos + swap_halves(x)·sin` with the sign folded into sin.
             (Kernels::Reference, Grad::Track) => (
                 Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?,
@@ -643,7 +676,7 @@ impl Llama {
             ),
         };
         let mask = match self.kernels {
-            Kernels::Fused => Tensor::from_vec(mask, (b, t, tk), dev)?,
+            Kernels::Fused | Kernels::FusedOps => Tensor::from_vec(mask, (b, t, tk), dev)?,
             Kernels::Reference => Tensor::from_vec(mask, (b, 1, t, tk), dev)?,
         }
         .to_dtype(dt)?;
@@ -706,6 +739,24 @@ impl Block {
 }
 
 impl Block {
+    /// The weights as attached tensors, for [`crate::ops::decoder_block`].
+    fn weights(&self) -> crate::ops::BlockWeights<'_> {
+        fn lin(l: &Linear) -> (&Tensor, Option<&Tensor>) {
+            (l.weight.as_tensor(), l.bias.as_ref().map(|b| b.as_tensor()))
+        }
+        crate::ops::BlockWeights {
+            input_norm: self.input_layernorm.as_tensor(),
+            q: lin(&self.q_proj),
+            k: lin(&self.k_proj),
+            v: lin(&self.v_proj),
+            o: self.o_proj.weight.as_tensor(),
+            post_norm: self.post_attention_layernorm.as_tensor(),
+            gate: self.gate_proj.weight.as_tensor(),
+            up: self.up_proj.weight.as_tensor(),
+            down: self.down_proj.weight.as_tensor(),
+        }
+    }
+
     /// [`Block::forward`] with the fused kernels of [`crate::ops`] (one graph node per op;
     /// `q`, `k`, `v` stay in `(B, T, heads, head_dim)` layout, no transposes).
     #[allow(clippy::too_many_arguments)]

@@ -92,7 +92,7 @@ impl Llama {
         let h = h.narrow(1, p - 1, c)?;
         let logits = self.logits(&h, grad)?; // (B, C, V)
         let (logp, entropy) = match self.kernels() {
-            Kernels::Fused => {
+            Kernels::Fused | Kernels::FusedOps => {
                 let idx = Tensor::from_vec(targets, (b, c), &dev)?;
                 let logp = crate::ops::log_softmax_gather(&logits, &idx)?;
                 let entropy = with_entropy

@@ -95,14 +95,168 @@ fn slow(
     o.reshape((b, nh, t, hd))?.transpose(1, 2)?.contiguous()
 }
 
+/// Shapes of one attention call: batch, query and key lengths, query and key/value heads,
+/// head size.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    tk: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) tk: usize,
+    pub(crate) nh: usize,
+    pub(crate) nkv: usize,
+    pub(crate) hd: usize,
+}
+
+/// Attention over `(B, T, H, D)` queries and `(B, Tk, Hkv, D)` keys/values with an additive
+/// `(B, T, Tk)` mask: writes the `(B, T, H, D)` output and the `(B, H, T, Tk)` probabilities.
+/// In parallel over batch rows; per head `gemm` (single-threaded, small) and a softmax.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    dims: Dims,
+    scale: f32,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let Dims {
+        t, tk, nh, nkv, hd, ..
+    } = dims;
+    let rep = nh / nkv;
+    out.par_chunks_mut(t * nh * hd)
+        .zip(probs.par_chunks_mut(nh * t * tk))
+        .enumerate()
+        .for_each(|(bi, (ob, pb))| {
+            let qb = &q[bi * t * nh * hd..(bi + 1) * t * nh * hd];
+            let kb = &k[bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd];
+            let vb = &v[bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd];
+            let mb = &mask[bi * t * tk..(bi + 1) * t * tk];
+            for h in 0..nh {
+                let g = h / rep;
+                let p = &mut pb[h * t * tk..(h + 1) * t * tk];
+                // S (T, Tk) = q_h (T, D) · k_gᵀ (D, Tk).
+                let (qh, kg) = ((&qb[h * hd..], nh * hd, 1), (&kb[g * hd..], 1, nkv * hd));
+                gemm(t, tk, hd, p, tk, qh, kg, false, 1);
+                for (row, mrow) in p.chunks_mut(tk).zip(mb.chunks(tk)) {
+                    for (s, &m) in row.iter_mut().zip(mrow) {
+                        *s = *s * scale + m;
+                    }
+                    simd::softmax_row(row);
+                }
+                // O_h (T, D) = P (T, Tk) · v_g (Tk, D).
+                let vg = (&vb[g * hd..], nkv * hd, 1);
+                gemm(
+                    t,
+                    hd,
+                    tk,
+                    &mut ob[h * hd..],
+                    nh * hd,
+                    (p, tk, 1),
+                    vg,
+                    false,
+                    1,
+                );
+            }
+        });
+}
+
+/// The backward of [`forward`]: writes `∂q`, `∂k`, `∂v` (overwriting) from the output
+/// gradient `d` and the saved probabilities.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: &[f32],
+    probs: &[f32],
+    dims: Dims,
+    scale: f32,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let Dims {
+        t, tk, nh, nkv, hd, ..
+    } = dims;
+    let rep = nh / nkv;
+    dq.par_chunks_mut(t * nh * hd)
+        .zip(
+            dk.par_chunks_mut(tk * nkv * hd)
+                .zip(dv.par_chunks_mut(tk * nkv * hd)),
+        )
+        .enumerate()
+        .for_each(|(bi, (dqb, (dkb, dvb)))| {
+            dkb.fill(0.0);
+            dvb.fill(0.0);
+            let qs = bi * t * nh * hd..(bi + 1) * t * nh * hd;
+            let ks = bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd;
+            let (qb, db) = (&q[qs.clone()], &d[qs]);
+            let (kb, vb) = (&k[ks.clone()], &v[ks]);
+            let mut ds = vec![0f32; t * tk];
+            for h in 0..nh {
+                let g = h / rep;
+                let p = &probs[(bi * nh + h) * t * tk..(bi * nh + h + 1) * t * tk];
+                let (qh, dh) = ((&qb[h * hd..], nh * hd, 1), (&db[h * hd..], nh * hd, 1));
+                // dP (T, Tk) = dO_h (T, D) · v_gᵀ (D, Tk).
+                gemm(
+                    t,
+                    tk,
+                    hd,
+                    &mut ds,
+                    tk,
+                    dh,
+                    (&vb[g * hd..], 1, nkv * hd),
+                    false,
+                    1,
+                );
+                // dS = scale · P ⊙ (dP − Σ_j P dP).
+                for (dsr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+                    let dot = simd::dot(dsr, pr);
+                    for (x, &pj) in dsr.iter_mut().zip(pr) {
+                        *x = scale * pj * (*x - dot);
+                    }
+                }
+                // dq_h (T, D) = dS (T, Tk) · k_g (Tk, D).
+                let kg = (&kb[g * hd..], nkv * hd, 1);
+                gemm(
+                    t,
+                    hd,
+                    tk,
+                    &mut dqb[h * hd..],
+                    nh * hd,
+                    (&ds, tk, 1),
+                    kg,
+                    false,
+                    1,
+                );
+                // dk_g (Tk, D) += dSᵀ (Tk, T) · q_h (T, D).
+                gemm(
+                    tk,
+                    hd,
+                    t,
+                    &mut dkb[g * hd..],
+                    nkv * hd,
+                    (&ds, 1, tk),
+                    qh,
+                    true,
+                    1,
+                );
+                // dv_g (Tk, D) += Pᵀ (Tk, T) · dO_h (T, D).
+                gemm(
+                    tk,
+                    hd,
+                    t,
+                    &mut dvb[g * hd..],
+                    nkv * hd,
+                    (p, 1, tk),
+                    dh,
+                    true,
+                    1,
+                );
+            }
+        });
 }
 
 struct Attention {
@@ -111,6 +265,10 @@ struct Attention {
     mask: Arc<[f32]>,
     /// `(B, H, T, Tk)` probabilities of the forward, for the backward.
     probs: Mutex<Vec<f32>>,
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("attention: a thread panicked holding the saved probabilities".into())
 }
 
 impl CustomOp3 for Attention {
@@ -131,63 +289,14 @@ impl CustomOp3 for Attention {
         let k = cpu_f32(s2, l2, self.name())?;
         let v = cpu_f32(s3, l3, self.name())?;
         let Dims {
-            b,
-            t,
-            tk,
-            nh,
-            nkv,
-            hd,
+            b, t, tk, nh, hd, ..
         } = self.dims;
-        let rep = nh / nkv;
         let mut out = vec![0f32; b * t * nh * hd];
         let mut probs = vec![0f32; b * nh * t * tk];
-        out.par_chunks_mut(t * nh * hd)
-            .zip(probs.par_chunks_mut(nh * t * tk))
-            .enumerate()
-            .for_each(|(bi, (ob, pb))| {
-                let qb = &q[bi * t * nh * hd..(bi + 1) * t * nh * hd];
-                let kb = &k[bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd];
-                let vb = &v[bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd];
-                let mb = &self.mask[bi * t * tk..(bi + 1) * t * tk];
-                for h in 0..nh {
-                    let g = h / rep;
-                    let p = &mut pb[h * t * tk..(h + 1) * t * tk];
-                    // S (T, Tk) = q_h (T, D) · k_gᵀ (D, Tk).
-                    gemm(
-                        t,
-                        tk,
-                        hd,
-                        p,
-                        tk,
-                        (&qb[h * hd..], nh * hd, 1),
-                        (&kb[g * hd..], 1, nkv * hd),
-                        false,
-                        1,
-                    );
-                    for (row, mrow) in p.chunks_mut(tk).zip(mb.chunks(tk)) {
-                        for (s, &m) in row.iter_mut().zip(mrow) {
-                            *s = *s * self.scale + m;
-                        }
-                        simd::softmax_row(row);
-                    }
-                    // O_h (T, D) = P (T, Tk) · v_g (Tk, D).
-                    gemm(
-                        t,
-                        hd,
-                        tk,
-                        &mut ob[h * hd..],
-                        nh * hd,
-                        (p, tk, 1),
-                        (&vb[g * hd..], nkv * hd, 1),
-                        false,
-                        1,
-                    );
-                }
-            });
-        *self
-            .probs
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))? = probs;
+        forward(
+            q, k, v, &self.mask, self.dims, self.scale, &mut out, &mut probs,
+        );
+        *self.probs.lock().map_err(|_| poisoned())? = probs;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -207,94 +316,19 @@ impl CustomOp3 for Attention {
             nkv,
             hd,
         } = self.dims;
-        let rep = nh / nkv;
-        let probs = self
-            .probs
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))?;
+        let probs = self.probs.lock().map_err(|_| poisoned())?;
         if probs.len() != b * nh * t * tk {
             candle_core::bail!("attention bwd: the forward's probabilities are missing");
         }
         let mut dq = vec![0f32; b * t * nh * hd];
         let mut dk = vec![0f32; b * tk * nkv * hd];
         let mut dv = vec![0f32; b * tk * nkv * hd];
+        let s = self.scale;
         with_f32(q, "attention bwd", |q| {
             with_f32(k, "attention bwd", |k| {
                 with_f32(v, "attention bwd", |v| {
                     with_f32(d_out, "attention bwd", |d| {
-                        dq.par_chunks_mut(t * nh * hd)
-                            .zip(
-                                dk.par_chunks_mut(tk * nkv * hd)
-                                    .zip(dv.par_chunks_mut(tk * nkv * hd)),
-                            )
-                            .enumerate()
-                            .for_each(|(bi, (dqb, (dkb, dvb)))| {
-                                let qs = bi * t * nh * hd..(bi + 1) * t * nh * hd;
-                                let ks = bi * tk * nkv * hd..(bi + 1) * tk * nkv * hd;
-                                let (qb, db) = (&q[qs.clone()], &d[qs]);
-                                let (kb, vb) = (&k[ks.clone()], &v[ks]);
-                                let mut ds = vec![0f32; t * tk];
-                                for h in 0..nh {
-                                    let g = h / rep;
-                                    let p =
-                                        &probs[(bi * nh + h) * t * tk..(bi * nh + h + 1) * t * tk];
-                                    // dP (T, Tk) = dO_h (T, D) · v_gᵀ (D, Tk).
-                                    gemm(
-                                        t,
-                                        tk,
-                                        hd,
-                                        &mut ds,
-                                        tk,
-                                        (&db[h * hd..], nh * hd, 1),
-                                        (&vb[g * hd..], 1, nkv * hd),
-                                        false,
-                                        1,
-                                    );
-                                    // dS = scale · P ⊙ (dP − Σ_j P dP).
-                                    for (dsr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-                                        let dot = simd::dot(dsr, pr);
-                                        for (x, &pj) in dsr.iter_mut().zip(pr) {
-                                            *x = self.scale * pj * (*x - dot);
-                                        }
-                                    }
-                                    // dq_h (T, D) = dS (T, Tk) · k_g (Tk, D).
-                                    gemm(
-                                        t,
-                                        hd,
-                                        tk,
-                                        &mut dqb[h * hd..],
-                                        nh * hd,
-                                        (&ds, tk, 1),
-                                        (&kb[g * hd..], nkv * hd, 1),
-                                        false,
-                                        1,
-                                    );
-                                    // dk_g (Tk, D) += dSᵀ (Tk, T) · q_h (T, D).
-                                    gemm(
-                                        tk,
-                                        hd,
-                                        t,
-                                        &mut dkb[g * hd..],
-                                        nkv * hd,
-                                        (&ds, 1, tk),
-                                        (&qb[h * hd..], nh * hd, 1),
-                                        true,
-                                        1,
-                                    );
-                                    // dv_g (Tk, D) += Pᵀ (Tk, T) · dO_h (T, D).
-                                    gemm(
-                                        tk,
-                                        hd,
-                                        t,
-                                        &mut dvb[g * hd..],
-                                        nkv * hd,
-                                        (p, 1, tk),
-                                        (&db[h * hd..], nh * hd, 1),
-                                        true,
-                                        1,
-                                    );
-                                }
-                            });
+                        backward(q, k, v, d, &probs, self.dims, s, &mut dq, &mut dk, &mut dv);
                         Ok(())
                     })
                 })

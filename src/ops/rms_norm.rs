@@ -37,6 +37,60 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
+/// `y = rms_norm(x) · w` row by row (rows of `w.len()`), in parallel.
+pub(crate) fn forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    let per = rows_per_task(h, x.len() / h, 16 * 1024);
+    y.par_chunks_mut(per * h)
+        .zip(x.par_chunks(per * h))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                let r = inv_rms(xr, eps);
+                for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = xi * r * wi;
+                }
+            }
+        });
+}
+
+/// The backward of [`forward`] for output gradient `g`: writes `∂x` into `dx` (added to what
+/// is there when `accumulate`), returns `∂w`.
+pub(crate) fn backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Vec<f32> {
+    let h = w.len();
+    let per = rows_per_task(h, x.len() / h, 16 * 1024);
+    let parts = dx
+        .par_chunks_mut(per * h)
+        .zip(x.par_chunks(per * h).zip(g.par_chunks(per * h)))
+        .map(|(dxc, (xc, gc))| {
+            let mut dw = vec![0f32; h];
+            for ((dxr, xr), gr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
+                let r = inv_rms(xr, eps);
+                let mut dot = 0f32;
+                for ((&gi, &wi), (&xi, dwi)) in gr.iter().zip(w).zip(xr.iter().zip(dw.iter_mut())) {
+                    dot += gi * wi * xi;
+                    *dwi += gi * xi * r;
+                }
+                let c = dot * r * r * r / h as f32;
+                for ((o, &gi), (&wi, &xi)) in dxr.iter_mut().zip(gr).zip(w.iter().zip(xr)) {
+                    let v = r * wi * gi - xi * c;
+                    *o = if accumulate { *o + v } else { v };
+                }
+            }
+            dw
+        })
+        .collect::<Vec<_>>();
+    // Partial sums added in chunk order: the result does not depend on which thread ran
+    // which chunk.
+    sum_partials(parts, h)
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "pgrpo-rms-norm"
@@ -56,18 +110,7 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms_norm: x {:?} and w {:?} do not match", l1.dims(), h);
         }
         let mut y = vec![0f32; x.len()];
-        let rows = x.len() / h;
-        let per = rows_per_task(h, rows, 16 * 1024);
-        y.par_chunks_mut(per * h)
-            .zip(x.par_chunks(per * h))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
-                    let r = inv_rms(xr, self.eps);
-                    for ((o, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                        *o = xi * r * wi;
-                    }
-                }
-            });
+        forward(x, w, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -78,43 +121,11 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let eps = self.eps;
         let (dx, dw) = with_f32(x, "rms_norm bwd", |x| {
             with_f32(w, "rms_norm bwd", |w| {
                 with_f32(g, "rms_norm bwd", |g| {
-                    let h = w.len();
-                    let rows = x.len() / h;
-                    let per = rows_per_task(h, rows, 16 * 1024);
                     let mut dx = vec![0f32; x.len()];
-                    let dw = dx
-                        .par_chunks_mut(per * h)
-                        .zip(x.par_chunks(per * h).zip(g.par_chunks(per * h)))
-                        .map(|(dxc, (xc, gc))| {
-                            let mut dw = vec![0f32; h];
-                            for ((dxr, xr), gr) in
-                                dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h))
-                            {
-                                let r = inv_rms(xr, eps);
-                                let mut dot = 0f32;
-                                for ((&gi, &wi), (&xi, dwi)) in
-                                    gr.iter().zip(w).zip(xr.iter().zip(dw.iter_mut()))
-                                {
-                                    dot += gi * wi * xi;
-                                    *dwi += gi * xi * r;
-                                }
-                                let c = dot * r * r * r / h as f32;
-                                for ((o, &gi), (&wi, &xi)) in
-                                    dxr.iter_mut().zip(gr).zip(w.iter().zip(xr))
-                                {
-                                    *o = r * wi * gi - xi * c;
-                                }
-                            }
-                            dw
-                        })
-                        .collect::<Vec<_>>();
-                    // Partial sums added in chunk order: the result does not depend on
-                    // which thread ran which chunk.
-                    let dw = sum_partials(dw, h);
+                    let dw = backward(x, w, g, self.eps, &mut dx, false);
                     Ok((dx, dw))
                 })
             })

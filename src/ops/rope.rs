@@ -55,29 +55,34 @@ struct Rope {
     sin: Arc<[f32]>,
 }
 
-impl Rope {
-    /// Rotates `src` into `dst` (both `(B·T, H, D)` rows); `sign = -1` applies the inverse
-    /// rotation (the backward).
-    fn apply(&self, src: &[f32], dst: &mut [f32], dims: &[usize], sign: f32) {
-        let (h, d) = (dims[2], dims[3]);
-        let half = d / 2;
-        dst.par_chunks_mut(h * d)
-            .zip(src.par_chunks(h * d))
-            .enumerate()
-            .for_each(|(bt, (yo, xi))| {
-                let c = &self.cos[bt * half..(bt + 1) * half];
-                let s = &self.sin[bt * half..(bt + 1) * half];
-                for (yh, xh) in yo.chunks_mut(d).zip(xi.chunks(d)) {
-                    let (y1, y2) = yh.split_at_mut(half);
-                    let (x1, x2) = xh.split_at(half);
-                    for i in 0..half {
-                        let si = sign * s[i];
-                        y1[i] = x1[i] * c[i] - x2[i] * si;
-                        y2[i] = x2[i] * c[i] + x1[i] * si;
-                    }
+/// Rotates `src` into `dst`, both `(B·T, H, D)`, with per-`(b, t)` tables `cos, sin:
+/// (B·T, D/2)`; `sign = -1` applies the inverse rotation (the backward). In parallel over rows.
+pub(crate) fn apply(
+    src: &[f32],
+    dst: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    h: usize,
+    d: usize,
+    sign: f32,
+) {
+    let half = d / 2;
+    dst.par_chunks_mut(h * d)
+        .zip(src.par_chunks(h * d))
+        .enumerate()
+        .for_each(|(bt, (yo, xi))| {
+            let c = &cos[bt * half..(bt + 1) * half];
+            let s = &sin[bt * half..(bt + 1) * half];
+            for (yh, xh) in yo.chunks_mut(d).zip(xi.chunks(d)) {
+                let (y1, y2) = yh.split_at_mut(half);
+                let (x1, x2) = xh.split_at(half);
+                for i in 0..half {
+                    let si = sign * s[i];
+                    y1[i] = x1[i] * c[i] - x2[i] * si;
+                    y2[i] = x2[i] * c[i] + x1[i] * si;
                 }
-            });
-    }
+            }
+        });
 }
 
 impl CustomOp1 for Rope {
@@ -88,14 +93,16 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
-        self.apply(x, &mut y, l.dims(), 1.0);
+        let dims = l.dims();
+        apply(x, &mut y, &self.cos, &self.sin, dims[2], dims[3], 1.0);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dx = with_f32(dy, "rope bwd", |d| {
             let mut dx = vec![0f32; d.len()];
-            self.apply(d, &mut dx, x.dims(), -1.0);
+            let dims = x.dims();
+            apply(d, &mut dx, &self.cos, &self.sin, dims[2], dims[3], -1.0);
             Ok(dx)
         })?;
         Ok(Some(tensor_like(dx, x)?))

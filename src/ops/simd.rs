@@ -40,6 +40,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 const LANES: usize = 16;
 
 /// `e^x` for `f32`, about 2 ulp on `[-87, 88]`, 0 below, saturating above.

@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::simd::{self, multiversion};
 use super::{cpu_f32, fusable, tensor_like, with_f32};
 
 const CHUNK: usize = 16 * 1024;
@@ -29,9 +30,43 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SwiGlu;
 
-#[inline]
+#[inline(always)]
 fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
+    1.0 / (1.0 + simd::exp(-a))
+}
+
+multiversion! {
+    fn fwd_chunk(g: &[f32], u: &[f32], y: &mut [f32]) -> () {
+        for ((o, &a), &b) in y.iter_mut().zip(g).zip(u) {
+            *o = a * sigmoid(a) * b;
+        }
+    }
+}
+
+multiversion! {
+    fn bwd_chunk(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) -> () {
+        for ((o1, o2), ((&a, &b), &e)) in dg.iter_mut().zip(du.iter_mut()).zip(g.iter().zip(u).zip(d)) {
+            let s = sigmoid(a);
+            *o2 = e * a * s;
+            *o1 = e * b * s * (1.0 + a * (1.0 - s));
+        }
+    }
+}
+
+/// `y = silu(g) ⊙ u`, in parallel.
+pub(crate) fn forward(g: &[f32], u: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(yc, (gc, uc))| fwd_chunk(gc, uc, yc));
+}
+
+/// The backward of [`forward`] for output gradient `d`.
+pub(crate) fn backward(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .zip(d.par_chunks(CHUNK))
+        .for_each(|(((dgc, duc), (gc, uc)), dc)| bwd_chunk(gc, uc, dc, dgc, duc));
 }
 
 impl CustomOp2 for SwiGlu {
@@ -49,13 +84,7 @@ impl CustomOp2 for SwiGlu {
         let g = cpu_f32(s1, l1, self.name())?;
         let u = cpu_f32(s2, l2, self.name())?;
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a * sigmoid(a) * b;
-                }
-            });
+        forward(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -71,21 +100,7 @@ impl CustomOp2 for SwiGlu {
                 with_f32(dy, "swiglu bwd", |d| {
                     let mut dg = vec![0f32; g.len()];
                     let mut du = vec![0f32; g.len()];
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                        .zip(d.par_chunks(CHUNK))
-                        .for_each(|(((dgc, duc), (gc, uc)), dc)| {
-                            for ((o1, o2), ((&a, &b), &e)) in dgc
-                                .iter_mut()
-                                .zip(duc.iter_mut())
-                                .zip(gc.iter().zip(uc).zip(dc))
-                            {
-                                let s = sigmoid(a);
-                                *o2 = e * a * s;
-                                *o1 = e * b * s * (1.0 + a * (1.0 - s));
-                            }
-                        });
+                    backward(g, u, d, &mut dg, &mut du);
                     Ok((dg, du))
                 })
             })
