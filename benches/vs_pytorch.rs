@@ -728,11 +728,14 @@ fn bench_logprobs(root: &Path) {
     );
 }
 
-fn bench_sample(root: &Path) {
+fn bench_sample(root: &Path, names: &[String]) {
     println!("\n## Greedy KV-cache sampling: 8 prompts x 16 tokens, 32 new tokens\n");
     println!("| model | pgrpo s | stock candle s | PyTorch s | pgrpo tokens/s | PyTorch tokens/s | pgrpo/PyTorch time | same tokens | load |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for (name, config) in shapes().into_iter().skip(1) {
+        if !names.is_empty() && !names.iter().any(|n| n == name) {
+            continue;
+        }
         let dir = root.join(format!("sample-{name}"));
         write_config(
             &dir,
@@ -859,7 +862,7 @@ fn main() {
         bench_step(&root, &shapes);
     }
     if want("sample") {
-        bench_sample(&root);
+        bench_sample(&root, &shapes);
     }
     if std::env::var("PGRPO_VS_KEEP").is_err() {
         let _ = std::fs::remove_dir_all(&root);

@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{bail_config, Error, Result};
-use crate::history::{GroupDelta, HistoryKind, RunningMoments, Variance};
+use crate::history::{GroupDelta, HistoryKind, Variance};
 use crate::{GroupKey, RewardHistory};
 
 /// Which statistics normalise a reward. See the [module docs](self) for the formulas.
@@ -419,38 +419,74 @@ impl AdvantageConfig {
             return Err(Error::Empty("rewards"));
         }
         let k = batch.group_keys.len();
-        // Validate group ids and rewards up front: no partial output on error.
-        let mut num_missing = 0usize;
-        for (row, (&g, &r)) in batch.group_ids.iter().zip(batch.rewards).enumerate() {
-            if g as usize >= k {
-                return Err(Error::IndexOutOfRange {
-                    what: "group_ids",
-                    row,
-                    value: g as usize,
-                    bound: k,
-                    of: "groups",
-                });
-            }
-            if !r.is_finite() {
-                match self.non_finite {
-                    NonFinitePolicy::Error => return Err(Error::NonFiniteReward { row, value: r }),
-                    NonFinitePolicy::Missing => num_missing += 1,
+        // One pass, in fixed chunks of rows on all cores: validate group ids and rewards (the
+        // first bad row, in row order, is the error; no partial output), and accumulate the
+        // batch's moments, each group's delta (also what is folded into the history) and each
+        // group's reward sum. Chunks are merged in row order, so a batch of one chunk gives
+        // exactly the sequential sums and a larger one the same up to rounding.
+        let kind = history.kind();
+        let decay = kind.decay();
+        let chunk_stats = |c: usize| -> std::result::Result<ChunkStats, Error> {
+            let rows = c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(n);
+            let mut st = ChunkStats {
+                missing: 0,
+                batch: GroupDelta::default(),
+                groups: vec![GroupDelta::default(); k],
+                reward_sums: vec![0f64; k],
+            };
+            let (gids, rs) = (&batch.group_ids[rows.clone()], &batch.rewards[rows.clone()]);
+            for (j, (&g, &r)) in gids.iter().zip(rs).enumerate() {
+                let row = rows.start + j;
+                if g as usize >= k {
+                    return Err(Error::IndexOutOfRange {
+                        what: "group_ids",
+                        row,
+                        value: g as usize,
+                        bound: k,
+                        of: "groups",
+                    });
+                }
+                if r.is_finite() {
+                    st.batch.push(r, 1.0, HistoryKind::Cumulative);
+                    st.groups[g as usize].push(r, decay, kind);
+                    st.reward_sums[g as usize] += r as f64;
+                } else {
+                    match self.non_finite {
+                        NonFinitePolicy::Error => {
+                            return Err(Error::NonFiniteReward { row, value: r })
+                        }
+                        NonFinitePolicy::Missing => st.missing += 1,
+                    }
                 }
             }
+            Ok(st)
+        };
+        let chunks: Vec<std::result::Result<ChunkStats, Error>> = {
+            use rayon::prelude::*;
+            (0..n.div_ceil(ROWS_PER_TASK))
+                .into_par_iter()
+                .map(chunk_stats)
+                .collect()
+        };
+        let mut num_missing = 0usize;
+        let mut batch_delta = GroupDelta::default();
+        let mut deltas = vec![GroupDelta::default(); k];
+        let mut reward_sums = vec![0f64; k];
+        for st in chunks {
+            let st = st?;
+            num_missing += st.missing;
+            batch_delta.append(st.batch, 1.0);
+            for (d, x) in deltas.iter_mut().zip(st.groups) {
+                d.append(x, decay);
+            }
+            reward_sums
+                .iter_mut()
+                .zip(&st.reward_sums)
+                .for_each(|(a, b)| *a += b);
         }
         let (prompt_of_row, prompt_labels) = dense_prompt_ids(batch.prompt_ids);
         let prompts = PromptStats::compute(batch.rewards, &prompt_of_row, prompt_labels.len());
-        let batch_m = batch_moments(batch.rewards);
-
-        let kind = history.kind();
-        let decay = kind.decay();
-        // Per-group statistics of this batch (also the delta folded into the history).
-        let mut deltas = vec![GroupDelta::default(); k];
-        for (&g, &r) in batch.group_ids.iter().zip(batch.rewards) {
-            if r.is_finite() {
-                deltas[g as usize].push(r, decay, kind);
-            }
-        }
+        let batch_m = batch_delta.moments();
 
         let needs_prompt_spread = self.needs_prompt_spread();
         let sd = |v: Option<f64>| v.unwrap_or(0.0).max(self.std_floor as f64) + self.eps as f64;
@@ -500,7 +536,9 @@ impl AdvantageConfig {
         if needs_prompt_spread {
             // Under P-GRPO only prompts with a row that actually falls back need the spread.
             let mut falls_back = vec![self.estimator != Estimator::PGrpo; prompt_labels.len()];
-            if self.estimator == Estimator::PGrpo {
+            let some_group_falls_back =
+                (0..k).any(|g| deltas[g].count > 0 && group_norm[g].is_none());
+            if self.estimator == Estimator::PGrpo && some_group_falls_back {
                 for ((&r, &g), &q) in batch
                     .rewards
                     .iter()
@@ -530,11 +568,10 @@ impl AdvantageConfig {
         }
 
         let lambda = self.pgrpo.offset_weight as f64;
-        let mut values = vec![0f32; n];
-        for i in 0..n {
+        let advantage = |i: usize| -> f32 {
             let r = batch.rewards[i];
             if !r.is_finite() {
-                continue;
+                return 0.0;
             }
             let r = r as f64;
             let q = prompt_of_row[i] as usize;
@@ -574,19 +611,39 @@ impl AdvantageConfig {
                     },
                 },
             };
-            values[i] = finite_f32(a);
+            finite_f32(a)
+        };
+        // Rows are independent: split them over the cores in fixed chunks, each also summing
+        // its advantages per group (partial sums added in chunk order: deterministic).
+        let mut values = vec![0f32; n];
+        let parts: Vec<Vec<f64>> = {
+            use rayon::prelude::*;
+            values
+                .par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .map(|(c, out)| {
+                    let mut sums = vec![0f64; k];
+                    let start = c * ROWS_PER_TASK;
+                    for (j, v) in out.iter_mut().enumerate() {
+                        let i = start + j;
+                        *v = advantage(i);
+                        if batch.rewards[i].is_finite() {
+                            sums[batch.group_ids[i] as usize] += *v as f64;
+                        }
+                    }
+                    sums
+                })
+                .collect()
+        };
+        let mut adv_sums = vec![0f64; k];
+        for p in parts {
+            adv_sums.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
         }
 
         // Diagnostics.
-        let mut gsum = vec![(0usize, 0f64, 0f64); k];
-        for i in 0..n {
-            if batch.rewards[i].is_finite() {
-                let e = &mut gsum[batch.group_ids[i] as usize];
-                e.0 += 1;
-                e.1 += batch.rewards[i] as f64;
-                e.2 += values[i] as f64;
-            }
-        }
+        let gsum: Vec<(usize, f64, f64)> = (0..k)
+            .map(|g| (deltas[g].count as usize, reward_sums[g], adv_sums[g]))
+            .collect();
         let groups = gsum
             .iter()
             .enumerate()
@@ -740,15 +797,17 @@ fn dense_prompt_ids(ids: &[u32]) -> (Vec<u32>, Vec<u32>) {
     (out, labels)
 }
 
-fn batch_moments(rewards: &[f32]) -> RunningMoments {
-    let mut d = GroupDelta::default();
-    for &r in rewards {
-        if r.is_finite() {
-            d.push(r, 1.0, HistoryKind::Cumulative);
-        }
-    }
-    d.moments()
+/// One chunk's share of the first pass of [`AdvantageConfig::compute`].
+struct ChunkStats {
+    missing: usize,
+    batch: GroupDelta,
+    groups: Vec<GroupDelta>,
+    reward_sums: Vec<f64>,
 }
+
+/// Rows per parallel task of the advantage pass (large enough that two cores split 1M rows
+/// into a few dozen tasks, small enough to balance).
+const ROWS_PER_TASK: usize = 32 * 1024;
 
 /// Per-prompt mean, M2, counts and zero-spread flags (two passes, `f64`).
 struct PromptStats {
@@ -761,6 +820,59 @@ struct PromptStats {
 
 impl PromptStats {
     fn compute(rewards: &[f32], prompt_of_row: &[u32], p: usize) -> Self {
+        // The usual layout (each prompt's completions next to each other, so the dense ids
+        // never decrease) runs prompt by prompt, in parallel; the same sums in the same order.
+        if prompt_of_row.windows(2).all(|w| w[0] <= w[1]) {
+            return Self::compute_runs(rewards, prompt_of_row, p);
+        }
+        Self::compute_scattered(rewards, prompt_of_row, p)
+    }
+
+    /// [`compute`](Self::compute) when every prompt's rows are one contiguous run.
+    fn compute_runs(rewards: &[f32], prompt_of_row: &[u32], p: usize) -> Self {
+        use rayon::prelude::*;
+        let mut starts = Vec::with_capacity(p + 1);
+        for (i, &q) in prompt_of_row.iter().enumerate() {
+            if i == 0 || q != prompt_of_row[i - 1] {
+                starts.push(i);
+            }
+        }
+        starts.push(rewards.len());
+        let per_prompt: Vec<(usize, usize, f64, f64, bool)> = starts
+            .par_windows(2)
+            .with_min_len(1024)
+            .map(|w| {
+                let run = &rewards[w[0]..w[1]];
+                let (mut count, mut sum) = (0usize, 0f64);
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for &r in run.iter().filter(|r| r.is_finite()) {
+                    count += 1;
+                    sum += r as f64;
+                    lo = lo.min(r);
+                    hi = hi.max(r);
+                }
+                let mean = if count > 0 { sum / count as f64 } else { 0.0 };
+                let m2 = run
+                    .iter()
+                    .filter(|r| r.is_finite())
+                    .map(|&r| {
+                        let d = r as f64 - mean;
+                        d * d
+                    })
+                    .fold(0f64, |a, b| a + b);
+                (count, run.len(), mean, m2, lo >= hi)
+            })
+            .collect();
+        Self {
+            count: per_prompt.iter().map(|x| x.0).collect(),
+            total: per_prompt.iter().map(|x| x.1).collect(),
+            mean: per_prompt.iter().map(|x| x.2).collect(),
+            m2: per_prompt.iter().map(|x| x.3).collect(),
+            zero_spread: per_prompt.iter().map(|x| x.4).collect(),
+        }
+    }
+
+    fn compute_scattered(rewards: &[f32], prompt_of_row: &[u32], p: usize) -> Self {
         let mut count = vec![0usize; p];
         let mut total = vec![0usize; p];
         let mut sum = vec![0f64; p];

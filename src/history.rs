@@ -683,6 +683,34 @@ impl GroupDelta {
     pub(crate) fn moments(&self) -> RunningMoments {
         RunningMoments::from_shifted_sums(self.count, self.w, self.shift, self.s1, self.s2)
     }
+
+    /// Appends the rewards of `later` (which came after these), as if they had been pushed
+    /// one by one: the weights here decay by `decay^later.count`, and `later`'s sums are
+    /// moved to this delta's shift (`d' = d + δ`, `δ = shift_later − shift`:
+    /// `s1' = s1 + w δ`, `s2' = s2 + 2 δ s1 + w δ²`). Exact in real arithmetic; in floating
+    /// point it differs from pushing one by one only by rounding. Used to merge per-chunk
+    /// deltas of a large batch computed in parallel.
+    pub(crate) fn append(&mut self, later: GroupDelta, decay: f64) {
+        if later.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = later;
+            return;
+        }
+        self.count += later.count;
+        self.values.extend(later.values);
+        if decay != 1.0 {
+            let d = decay.powf(later.count as f64);
+            self.w *= d;
+            self.s1 *= d;
+            self.s2 *= d;
+        }
+        let delta = later.shift - self.shift;
+        self.w += later.w;
+        self.s1 += later.s1 + later.w * delta;
+        self.s2 += later.s2 + 2.0 * delta * later.s1 + later.w * delta * delta;
+    }
 }
 
 const FORMAT_NAME: &str = "pgrpo.reward_history";

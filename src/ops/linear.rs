@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::{cpu_f32, fusable, gemm, tensor_like, with_f32};
+use super::{cpu_f32, fusable, gemm, matmul_t, tensor_like, with_f32};
 
 /// `y = x Wᵀ` for `x: (.., in)` and `w: (out, in)`, giving `(.., out)`.
 ///
@@ -53,17 +53,7 @@ impl CustomOp2 for Linear {
         let n = x.len() / inp.max(1);
         let mut y = vec![0f32; n * out];
         // y (n, out) = x (n, in) · wᵀ (in, out); wᵀ[k][j] = w[j·in + k].
-        gemm(
-            n,
-            out,
-            inp,
-            &mut y,
-            out,
-            (x, inp, 1),
-            (w, 1, inp),
-            false,
-            threads(),
-        );
+        matmul_t(x, w, n, out, inp, &mut y, false, threads());
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -123,6 +113,17 @@ mod tests {
 
     #[test]
     fn matches_the_slow_path_value_and_gradients() {
+        // A few rows (the decoding path) and many rows (gemm).
+        for rows in [1, 5] {
+            let x = var(&[rows, 3, 40], 1.0, 17);
+            let w = var(&[90, 40], 1.0, 18);
+            check(
+                &[x, w],
+                |t| super::linear(&t[0], &t[1]).unwrap(),
+                |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+                1e-5,
+            );
+        }
         let x = var(&[3, 70, 40], 1.0, 7);
         let w = var(&[90, 40], 1.0, 8);
         check(

@@ -193,6 +193,68 @@ pub(crate) fn gemm(
     }
 }
 
+/// `dst (n, out) (+)= x (n, inp) · wᵀ` for a row-major `w: (out, inp)`.
+///
+/// For a few rows (decoding: one token per sequence) `gemm` would pack the whole weight
+/// matrix on every call; there each output row is a dot product over one weight row, read
+/// once for all `n` inputs, split over the cores by blocks of weight rows (memory-bound, as
+/// a matrix-vector product should be). Otherwise `gemm`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_t(
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    out: usize,
+    inp: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    const SKINNY: usize = 16;
+    if n > SKINNY || inp == 0 {
+        gemm(
+            n,
+            out,
+            inp,
+            dst,
+            out,
+            (x, inp, 1),
+            (w, 1, inp),
+            accumulate,
+            threads,
+        );
+        return;
+    }
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let mut yt = vec![0f32; out * n]; // (out, n)
+    yt.par_chunks_mut(BLOCK * n)
+        .enumerate()
+        .for_each(|(c, blk)| {
+            for (jj, yj) in blk.chunks_mut(n).enumerate() {
+                let j = c * BLOCK + jj;
+                let wrow = &w[j * inp..(j + 1) * inp];
+                let xr = |b: usize| &x[b * inp..(b + 1) * inp];
+                let mut b = 0;
+                while b + 4 <= n {
+                    let d = simd::dot4(xr(b), xr(b + 1), xr(b + 2), xr(b + 3), wrow);
+                    yj[b..b + 4].copy_from_slice(&d);
+                    b += 4;
+                }
+                for (bb, y) in yj.iter_mut().enumerate().skip(b) {
+                    *y = simd::dot(xr(bb), wrow);
+                }
+            }
+        });
+    for b in 0..n {
+        let row = &mut dst[b * out..(b + 1) * out];
+        for (j, o) in row.iter_mut().enumerate() {
+            let v = yt[j * n + b];
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
 /// Adds per-chunk partial sums in chunk order (deterministic whatever thread ran a chunk).
 pub(crate) fn sum_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut out = vec![0f32; len];

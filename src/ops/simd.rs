@@ -192,6 +192,36 @@ multiversion! {
 }
 
 multiversion! {
+    /// `[Σ x0 ⊙ w, Σ x1 ⊙ w, Σ x2 ⊙ w, Σ x3 ⊙ w]`: four dot products sharing `w`, which is
+    /// read once (the inner loop of a skinny matrix product).
+    pub(crate) fn dot4(x0: &[f32], x1: &[f32], x2: &[f32], x3: &[f32], w: &[f32]) -> [f32; 4] {
+        let n = w.len();
+        let (x0, x1, x2, x3) = (&x0[..n], &x1[..n], &x2[..n], &x3[..n]);
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let chunks = w
+            .chunks_exact(LANES)
+            .zip(x0.chunks_exact(LANES).zip(x1.chunks_exact(LANES)))
+            .zip(x2.chunks_exact(LANES).zip(x3.chunks_exact(LANES)));
+        for ((wc, (c0, c1)), (c2, c3)) in chunks {
+            for l in 0..LANES {
+                a0[l] += c0[l] * wc[l];
+                a1[l] += c1[l] * wc[l];
+                a2[l] += c2[l] * wc[l];
+                a3[l] += c3[l] * wc[l];
+            }
+        }
+        let full = n / LANES * LANES;
+        let mut out = [lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)];
+        for (r, x) in [x0, x1, x2, x3].into_iter().enumerate() {
+            for j in full..n {
+                out[r] += x[j] * w[j];
+            }
+        }
+        out
+    }
+}
+
+multiversion! {
     /// In place `x ← x · s`.
     pub(crate) fn scale(x: &mut [f32], s: f32) -> () {
         for v in x.iter_mut() {
