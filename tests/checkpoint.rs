@@ -219,7 +219,7 @@ fn tiny_lm_resumes_exactly() {
         // The weights are overwritten on resume; a different init seed proves it.
         let model = Llama::new(
             cfg,
-            &mut StdRng::seed_from_u64(0),
+            &mut StdRng::seed_from_u64(seed),
             &Device::Cpu,
             candle_core::DType::F32,
         )
