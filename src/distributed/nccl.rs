@@ -7,6 +7,7 @@
 
 use std::ffi::c_char;
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
@@ -141,23 +142,24 @@ impl InplaceOp1 for InPlace<'_> {
                     .map_err(msg)?;
             }};
         }
-        match (&self.op, storage.dtype()) {
-            (Op::SumF32, DType::F32) => {
+        match self.op {
+            Op::SumF32 => {
                 let slice = storage.as_cuda_slice_mut::<f32>()?;
                 let mut view = slice.slice_mut(start..end);
                 self.comm
                     .all_reduce_in_place(&mut view, &ReduceOp::Sum)
                     .map_err(msg)?;
             }
-            (Op::SumF32, dt) => candle_core::bail!("NCCL sum of a {dt:?} tensor (expected F32)"),
-            (Op::Broadcast(root), DType::F32) => broadcast!(f32, *root),
-            (Op::Broadcast(root), DType::F64) => broadcast!(f64, *root),
-            (Op::Broadcast(root), DType::BF16) => broadcast!(half::bf16, *root),
-            (Op::Broadcast(root), DType::F16) => broadcast!(half::f16, *root),
-            (Op::Broadcast(root), DType::U32) => broadcast!(u32, *root),
-            (Op::Broadcast(root), DType::U8) => broadcast!(u8, *root),
-            (Op::Broadcast(root), DType::I64) => broadcast!(i64, *root),
-            (Op::Broadcast(_), dt) => candle_core::bail!("NCCL broadcast of a {dt:?} tensor"),
+            Op::Broadcast(root) => match storage.dtype() {
+                DType::F32 => broadcast!(f32, root),
+                DType::F64 => broadcast!(f64, root),
+                DType::BF16 => broadcast!(half::bf16, root),
+                DType::F16 => broadcast!(half::f16, root),
+                DType::U32 => broadcast!(u32, root),
+                DType::U8 => broadcast!(u8, root),
+                DType::I64 => broadcast!(i64, root),
+                dt => candle_core::bail!("NCCL broadcast of a {dt:?} tensor"),
+            },
         }
         Ok(())
     }
@@ -195,10 +197,10 @@ impl Collective for Nccl {
     /// On the GPU: each bucket is one `f32` tensor (the vars' gradients, zeros where a rank
     /// has none, then one presence flag per var), summed in place by `ncclAllReduce` and cut
     /// back into gradients. Vars not on a CUDA device go through MPI.
+    ///
+    /// Unlike the other collectives this runs with one rank too (NCCL's sum over one rank is
+    /// the identity), so that a machine with a single GPU can exercise the device path.
     fn all_reduce_gradients(&self, vars: &[Var], grads: &mut GradStore) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
         if !vars.iter().all(|v| v.device().is_cuda()) {
             return host_all_reduce_gradients(self, vars, grads);
         }
@@ -253,12 +255,9 @@ impl Collective for Nccl {
     }
 
     /// On the GPU, var by var, in place (`ncclBroadcast`); vars not on a CUDA device or not
-    /// contiguous go through MPI.
+    /// contiguous go through MPI. Runs with one rank too, as the gradient all-reduce does.
     fn broadcast_vars(&self, vars: &[Var], root: usize) -> Result<()> {
         check_root(root, self.world())?;
-        if self.world() == 1 {
-            return Ok(());
-        }
         if !vars
             .iter()
             .all(|v| v.device().is_cuda() && v.as_tensor().is_contiguous())
