@@ -90,6 +90,10 @@ struct Args {
     /// Append the timing summary as one JSON line to this file (rank 0).
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// After training, time this many gradient all-reduces of the policy's size alone (each
+    /// after a barrier, so no rank waits for a slower one).
+    #[arg(long, default_value_t = 10)]
+    bench_all_reduce: usize,
 }
 
 fn main() {
@@ -232,17 +236,20 @@ where
         }
     }
     trainer.check_replicas()?;
+    let isolated = time_all_reduce(mpi, trainer.policy(), args.bench_all_reduce)?;
     if root && timed.steps > 0 {
         let line = serde_json::json!({
             "policy": args.policy,
             "params": params,
             "world": world,
+            "threads_per_rank": candle_core::utils::get_num_threads(),
             "prompts": args.prompts,
             "g": args.g,
             "steps_timed": timed.steps,
             "steps_per_s": timed.steps as f64 / timed.total,
             "all_reduce_ms_per_step": 1e3 * timed.all_reduce / timed.steps as f64,
             "exchange_ms_per_step": 1e3 * timed.exchange / timed.steps as f64,
+            "all_reduce_ms_isolated": isolated.map(|s| 1e3 * s),
         });
         println!("summary: {line}");
         if let Some(p) = &args.summary {
@@ -254,6 +261,34 @@ where
         }
     }
     Ok(())
+}
+
+/// Mean seconds of `reps` gradient all-reduces of the policy's size, each started together
+/// (after a barrier); `None` without repetitions.
+fn time_all_reduce<P: Policy>(mpi: &Mpi, policy: &P, reps: usize) -> pgrpo::Result<Option<f64>> {
+    if reps == 0 {
+        return Ok(None);
+    }
+    let vars = policy.vars();
+    let mut total = 0.0;
+    for _ in 0..reps {
+        // Gradients of ones for every var.
+        let mut loss = None;
+        for v in &vars {
+            let s = v.as_tensor().sum_all()?;
+            loss = Some(match loss {
+                None => s,
+                Some(l) => (l + s)?,
+            });
+        }
+        let Some(loss) = loss else { return Ok(None) };
+        let mut grads = loss.backward()?;
+        mpi.barrier()?;
+        let t = Instant::now();
+        mpi.all_reduce_gradients(&vars, &mut grads)?;
+        total += t.elapsed().as_secs_f64();
+    }
+    Ok(Some(total / reps as f64))
 }
 
 #[derive(Default)]
