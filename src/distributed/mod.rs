@@ -93,6 +93,8 @@ pub const DEFAULT_BUCKET_ELEMS: usize = 1 << 24;
 ///
 /// Every result is the same, bit for bit, on every rank: sums of `f64` statistics are
 /// all-gathered and added in rank order on each rank rather than reduced by the library.
+/// It is implemented for references too, so several trainers can share one `Mpi`
+/// (`with_collective(&mpi)`).
 ///
 /// ```
 /// use pgrpo::distributed::{Collective, SingleProcess};
