@@ -50,8 +50,10 @@
 //!   the same rollouts, and across ranks.
 //! - Gradients: equal to the full-batch gradient up to `f32` rounding (the sum runs in another
 //!   order): about `1e-7` relative in the tests.
-//! - Parameters: bit-identical on every rank (every rank applies the same all-reduced
-//!   gradient; [`Trainer::check_replicas`](crate::Trainer::check_replicas) verifies it).
+//! - Parameters: bit-identical on every rank, as long as the library's all-reduce hands
+//!   every rank the same bits (MPI does not promise it; Open MPI did in every test, and
+//!   [`Trainer::check_replicas`](crate::Trainer::check_replicas), run by every save,
+//!   reports a library that does not).
 //!
 //! # Errors on one rank
 //!
@@ -113,7 +115,9 @@ pub trait Collective {
     /// Number of ranks.
     fn world(&self) -> usize;
 
-    /// Element-wise sum over ranks, in place; every rank receives the same bits.
+    /// Element-wise sum over ranks, in place. Implementations should hand every rank the
+    /// same bits (the trainer's replicas stay identical only then; `Mpi` relies on the MPI
+    /// library for it, `SingleProcess` trivially does).
     ///
     /// # Errors
     /// [`Error::Distributed`] if the buffer is too long for the transport.
