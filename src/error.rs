@@ -155,6 +155,17 @@ pub enum Error {
     #[error("reward function failed: {0}")]
     Reward(String),
 
+    /// Data-parallel training failed: a collective operation failed, another rank failed
+    /// (every rank stops together, this error names the rank), or the ranks disagree on
+    /// something that must be the same everywhere (the batch, the config, the state).
+    /// See [`distributed`](crate::distributed).
+    ///
+    /// ```text
+    /// distributed: rank 1 failed during the rollout: reward function failed: judge timed out
+    /// ```
+    #[error("distributed: {0}")]
+    Distributed(String),
+
     /// A model file is missing, malformed or does not match its config.
     ///
     /// ```text

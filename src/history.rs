@@ -645,7 +645,8 @@ fn window_moments(w: &VecDeque<f64>) -> RunningMoments {
 /// (`s1 = Σ w (x - shift)`, `s2 = Σ w (x - shift)²`, the weights decaying as rewards arrive):
 /// no division per row, and exact because the shift lies within the batch's spread.
 /// The window kind keeps the values.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct GroupDelta {
     pub(crate) count: u64,
     w: f64,
@@ -710,6 +711,34 @@ impl GroupDelta {
         self.w += later.w;
         self.s1 += later.s1 + later.w * delta;
         self.s2 += later.s2 + 2.0 * delta * later.s1 + later.w * delta * delta;
+    }
+
+    /// [`moments`](Self::moments), or for a window delta the plain moments of its values.
+    pub(crate) fn moments_for(&self, kind: HistoryKind) -> RunningMoments {
+        match kind {
+            HistoryKind::Window { .. } => RunningMoments::from_slice(&self.values),
+            _ => self.moments(),
+        }
+    }
+
+    /// Whether a delta read from outside (another process) is one `push` could have built
+    /// for `kind`: finite sums, and the values of a window delta are its count.
+    pub(crate) fn is_consistent(&self, kind: HistoryKind) -> bool {
+        let finite = [self.w, self.shift, self.s1, self.s2]
+            .iter()
+            .all(|x| x.is_finite());
+        match kind {
+            HistoryKind::Window { .. } => {
+                self.values.len() as u64 == self.count && self.values.iter().all(|x| x.is_finite())
+            }
+            _ => {
+                finite
+                    && self.values.is_empty()
+                    && self.s2 >= 0.0
+                    && (self.count == 0) == (self.w == 0.0)
+                    && self.w <= self.count as f64
+            }
+        }
     }
 }
 

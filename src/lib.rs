@@ -50,6 +50,7 @@
 //! | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs |
 //! | [`policy`] | the [`Policy`] trait a model implements |
 //! | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
+//! | [`distributed`] | data-parallel training over MPI (and NCCL): [`Collective`](distributed::Collective) |
 //! | [`metrics`], [`sink`] | [`StepMetrics`] and where they go (JSON Lines, CSV) |
 //! | [`models`], [`lm`] | bandit policies (tabular, MLP) and a trainable Llama-family LM |
 //! | [`bandit`], [`movielens`] | the preference bandit and the MovieLens-1M next-genre task of the examples |
@@ -68,6 +69,10 @@
 //! - `cuda`: passes `cuda` through to candle (needs the CUDA toolkit to build); tensors follow
 //!   the policy's [`Device`](candle_core::Device).
 //! - `metal`: passes `metal` through to candle (macOS only).
+//! - `mpi`: `distributed::Mpi`, data-parallel training over MPI (needs an MPI library and
+//!   libclang to build; CI builds and runs it with OpenMPI).
+//! - `nccl`: `distributed::Nccl`, gradients between CUDA GPUs over NCCL, MPI for the rest
+//!   (implies `mpi` and `cuda`; not built by CI).
 //!
 //! Neither is on by default and neither is compiled by this repository's CI, which runs on a
 //! Linux machine without a CUDA toolkit.
@@ -83,6 +88,7 @@ pub mod advantage;
 pub mod bandit;
 pub mod checkpoint;
 mod config;
+pub mod distributed;
 mod error;
 mod group;
 pub mod history;
@@ -118,4 +124,4 @@ pub use optim::LrScheduler;
 pub use policy::{Policy, TokenLogProbs};
 pub use reward::{RewardFn, WeightedRewards};
 pub use sink::{CsvSink, JsonlSink, MetricsSink};
-pub use trainer::{step_rng, GroupedPrompt, Rollout, Trainer};
+pub use trainer::{rank_step_rng, step_rng, GroupedPrompt, Rollout, Trainer};
