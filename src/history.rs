@@ -657,6 +657,19 @@ pub(crate) struct GroupDelta {
 }
 
 impl GroupDelta {
+    /// The delta a cumulative history's `push` builds from `count` rewards whose first was
+    /// `shift`, with shifted sums `s1`, `s2` (the weight of each reward is 1).
+    pub(crate) fn cumulative(count: u64, shift: f64, s1: f64, s2: f64) -> Self {
+        Self {
+            count,
+            w: count as f64,
+            shift,
+            s1,
+            s2,
+            values: Vec::new(),
+        }
+    }
+
     #[inline]
     pub(crate) fn push(&mut self, r: f32, decay: f64, kind: HistoryKind) {
         let x = r as f64;
