@@ -1317,7 +1317,7 @@ mod tests {
         let (mut prompts, mut groups) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {
             let q = i / g;
-            let flat = q % 5 == 0;
+            let flat = q.is_multiple_of(5);
             rewards.push(if flat {
                 (q % 3) as f32
             } else {
