@@ -825,8 +825,8 @@ impl AdvantageConfig {
         let sd = |v: f64| v.max(self.std_floor as f64) + self.eps as f64;
         // (history mean, 1 / denominator) per group, and the denominators.
         let (mut norm, mut dens) = (Vec::with_capacity(k), Vec::with_capacity(k));
-        for key in batch.group_keys {
-            let m = history.moments(key)?;
+        for m in history.moments_of(batch.group_keys) {
+            let m = m?;
             let var = m.variance(self.variance)?;
             if m.count < o.min_count.max(1) {
                 return None;

@@ -237,6 +237,21 @@ struct GroupState {
     window: VecDeque<f64>,
 }
 
+/// Folds one batch delta into a group's state.
+fn fold_into(state: &mut GroupState, kind: HistoryKind, decay: f64, delta: GroupDelta) {
+    state.seen += delta.count;
+    match kind {
+        HistoryKind::Window { size } => {
+            state.window.extend(delta.values);
+            while state.window.len() > size {
+                state.window.pop_front();
+            }
+            state.moments = window_moments(&state.window);
+        }
+        _ => state.moments.append(&delta.moments(), decay),
+    }
+}
+
 /// Per-preference-group reward statistics kept across training steps.
 ///
 /// ```
@@ -388,11 +403,45 @@ impl RewardHistory {
     /// Folds per-group deltas (index-aligned with `keys`) into the store. Crate-internal: the
     /// advantage kernel builds the deltas in the same pass as the advantages.
     pub(crate) fn fold_deltas(&mut self, keys: &[GroupKey], deltas: Vec<GroupDelta>) {
-        for (key, delta) in keys.iter().zip(deltas) {
+        let (kind, decay) = (self.kind, self.decay);
+        let mut rest: Vec<(&GroupKey, GroupDelta)> = Vec::new();
+        if keys.windows(2).all(|w| w[0] < w[1]) && !keys.is_empty() {
+            // Increasing keys (the usual `0..k` ids): one ordered walk over the stored groups
+            // instead of a search per key; groups not stored yet are inserted afterwards.
+            let mut stored = self.groups.range_mut(keys[0].clone()..).peekable();
+            for (key, delta) in keys.iter().zip(deltas) {
+                if delta.count == 0 {
+                    continue;
+                }
+                while stored.next_if(|(k, _)| *k < key).is_some() {}
+                match stored.next_if(|(k, _)| *k == key) {
+                    Some((_, state)) => fold_into(state, kind, decay, delta),
+                    None => rest.push((key, delta)),
+                }
+            }
+        } else {
+            rest = keys.iter().zip(deltas).collect();
+        }
+        for (key, delta) in rest {
             if delta.count > 0 {
                 self.fold_delta(key.clone(), delta);
             }
         }
+    }
+
+    /// [`moments`](Self::moments) of each of `keys`; for increasing keys one ordered walk
+    /// over the stored groups instead of a search per key.
+    pub(crate) fn moments_of(&self, keys: &[GroupKey]) -> Vec<Option<RunningMoments>> {
+        if keys.is_empty() || !keys.windows(2).all(|w| w[0] < w[1]) {
+            return keys.iter().map(|k| self.moments(k)).collect();
+        }
+        let mut stored = self.groups.range(keys[0].clone()..).peekable();
+        keys.iter()
+            .map(|key| {
+                while stored.next_if(|(k, _)| *k < key).is_some() {}
+                stored.next_if(|(k, _)| *k == key).map(|(_, g)| g.moments)
+            })
+            .collect()
     }
 
     /// The moments `key` would have after folding `delta` in, without folding it.
@@ -422,20 +471,8 @@ impl RewardHistory {
     }
 
     fn fold_delta(&mut self, key: GroupKey, delta: GroupDelta) {
-        let kind = self.kind;
-        let decay = self.decay;
-        let state = self.groups.entry(key).or_default();
-        state.seen += delta.count;
-        match kind {
-            HistoryKind::Window { size } => {
-                state.window.extend(delta.values);
-                while state.window.len() > size {
-                    state.window.pop_front();
-                }
-                state.moments = window_moments(&state.window);
-            }
-            _ => state.moments.append(&delta.moments(), decay),
-        }
+        let (kind, decay) = (self.kind, self.decay);
+        fold_into(self.groups.entry(key).or_default(), kind, decay, delta);
     }
 
     /// Appends every group of `later` after this store's rewards, exactly.
@@ -790,5 +827,71 @@ impl<'de> Deserialize<'de> for RewardHistory {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = HistorySerde::deserialize(d)?;
         Self::from_serde(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ordered walk of `fold_deltas` and `moments_of` (increasing keys) against one
+    /// search per key, with keys stored and not, before, between and after the stored ones,
+    /// and a delta with no rewards, for every history kind.
+    #[test]
+    fn ordered_walk_equals_one_search_per_key() {
+        let keys: Vec<GroupKey> = vec![
+            GroupKey::Id(0),
+            GroupKey::Id(1),
+            GroupKey::Id(2),
+            GroupKey::Id(3),
+            GroupKey::Id(9),
+            "a".into(),
+            "b".into(),
+            "z".into(),
+        ];
+        for kind in [
+            HistoryKind::Cumulative,
+            HistoryKind::Exponential { half_life: 5.0 },
+            HistoryKind::Window { size: 4 },
+        ] {
+            let mut h = RewardHistory::new(kind).unwrap();
+            for (i, key) in [
+                GroupKey::Id(1),
+                GroupKey::Id(3),
+                "b".into(),
+                GroupKey::Id(7),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                h.update(key, &[i as f32, 2.0 * i as f32 + 1.0, -0.5])
+                    .unwrap();
+            }
+            let decay = kind.decay();
+            let deltas: Vec<GroupDelta> = (0..keys.len())
+                .map(|g| {
+                    let mut d = GroupDelta::default();
+                    // Group 2 ("Id(2)") gets no rewards.
+                    for j in 0..(if g == 2 { 0 } else { g + 1 }) {
+                        d.push((g * 10 + j) as f32 * 0.1, decay, kind);
+                    }
+                    d
+                })
+                .collect();
+            let walk = h.moments_of(&keys);
+            let search: Vec<_> = keys.iter().map(|k| h.moments(k)).collect();
+            assert_eq!(walk, search, "{kind:?}");
+            assert_eq!(walk.iter().filter(|m| m.is_some()).count(), 3);
+            let mut walked = h.clone();
+            walked.fold_deltas(&keys, deltas.clone());
+            let mut searched = h.clone();
+            for (key, delta) in keys.iter().zip(deltas) {
+                if delta.count > 0 {
+                    searched.fold_delta(key.clone(), delta);
+                }
+            }
+            assert_eq!(walked, searched, "{kind:?}");
+            assert_eq!(walked.len(), 8, "{kind:?}");
+        }
     }
 }
