@@ -800,10 +800,10 @@ impl AdvantageConfig {
     /// the batch in, `offset_weight = 1`), every group's history already past `min_count`
     /// (so no row falls back and the normalisers are known before the pass), finite rewards,
     /// valid group ids, and each prompt's rows one run with prompt ids increasing from run to
-    /// run (the layout the trainer produces). Each fixed chunk of rows then validates, writes
-    /// its advantages, and sums its group statistics and its prompts' reward ranges in the
-    /// same pass, the current group's sums kept in registers; chunks are merged in row order
-    /// as in the general path.
+    /// run (the layout the trainer produces), and at least as many rows as groups. Each
+    /// fixed chunk of rows then validates, writes its advantages, and sums its group
+    /// statistics and its prompts' reward ranges in the same pass, the current group's sums
+    /// kept in registers; chunks are merged in row order as in the general path.
     /// `None` when the batch is not of that kind (the general path then decides, and reports
     /// any error).
     fn fused_pgrpo(
@@ -822,6 +822,11 @@ impl AdvantageConfig {
             return None;
         }
         let k = batch.group_keys.len();
+        // With fewer rows than groups, the per-group arrays of each chunk cost more than the
+        // rows (1K rows, 10,000 groups: 4 M rows/s here against 10 M on the general path).
+        if batch.rewards.len() < k {
+            return None;
+        }
         let sd = |v: f64| v.max(self.std_floor as f64) + self.eps as f64;
         // (history mean, 1 / denominator) per group, and the denominators.
         let (mut norm, mut dens) = (Vec::with_capacity(k), Vec::with_capacity(k));
