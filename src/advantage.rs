@@ -271,6 +271,47 @@ pub struct GroupDiagnostics {
     pub history_std: f64,
 }
 
+impl GroupDiagnostics {
+    /// A group's diagnostics from `count` usable rows, their mean reward and mean advantage
+    /// (both replaced by `NaN` when `count == 0`), and the history `(mean, std)` that
+    /// normalised it (`None`: not used).
+    fn new(
+        count: usize,
+        reward_mean: f64,
+        advantage_mean: f64,
+        history: Option<(f64, f64)>,
+    ) -> Self {
+        let (reward_mean, advantage_mean) = if count > 0 {
+            (reward_mean, advantage_mean)
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        let (history_mean, history_std) = history.unwrap_or((f64::NAN, f64::NAN));
+        Self {
+            count,
+            reward_mean,
+            advantage_mean,
+            used_history: history.is_some(),
+            history_mean,
+            history_std,
+        }
+    }
+}
+
+/// The batch's mean reward for the diagnostics (`NaN` without a usable reward).
+fn batch_reward_mean(m: &RunningMoments) -> f64 {
+    if m.count > 0 {
+        m.mean
+    } else {
+        f64::NAN
+    }
+}
+
+/// The batch's sample std of rewards for the diagnostics (`NaN` below two rewards).
+fn batch_reward_std(m: &RunningMoments) -> f64 {
+    m.variance(Variance::Sample).map_or(f64::NAN, f64::sqrt)
+}
+
 /// Batch-level diagnostics of an advantage computation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdvantageDiagnostics {
@@ -757,18 +798,11 @@ impl AdvantageConfig {
             .iter()
             .enumerate()
             .map(|(gi, &(c, rs, as_))| {
-                let (hm, hs) = match (used_history[gi], group_norm[gi]) {
-                    (true, Some((m, den))) => (m, den - self.eps as f64),
-                    _ => (f64::NAN, f64::NAN),
+                let history = match (used_history[gi], group_norm[gi]) {
+                    (true, Some((m, den))) => Some((m, den - self.eps as f64)),
+                    _ => None,
                 };
-                GroupDiagnostics {
-                    count: c,
-                    reward_mean: if c > 0 { rs / c as f64 } else { f64::NAN },
-                    advantage_mean: if c > 0 { as_ / c as f64 } else { f64::NAN },
-                    used_history: used_history[gi],
-                    history_mean: hm,
-                    history_std: hs,
-                }
+                GroupDiagnostics::new(c, rs / c as f64, as_ / c as f64, history)
             })
             .collect();
         let zero = prompts.zero_spread.iter().filter(|&&z| z).count();
@@ -778,14 +812,8 @@ impl AdvantageConfig {
             frac_reward_zero_std: zero as f64 / prompt_labels.len() as f64,
             num_missing,
             num_degenerate_prompts,
-            reward_mean: if batch_m.count > 0 {
-                batch_m.mean
-            } else {
-                f64::NAN
-            },
-            reward_std: batch_m
-                .variance(Variance::Sample)
-                .map_or(f64::NAN, f64::sqrt),
+            reward_mean: batch_reward_mean(&batch_m),
+            reward_std: batch_reward_std(&batch_m),
         };
         Ok(Advantages {
             values,
@@ -796,8 +824,9 @@ impl AdvantageConfig {
 
     /// P-GRPO's usual case in one pass over the rows, with the same advantages and batch
     /// deltas as the general path bit for bit (the diagnostic means come from the group
-    /// sums, so they match up to rounding): the default options (cumulative history, normalise before folding
-    /// the batch in, `offset_weight = 1`), every group's history already past `min_count`
+    /// sums, so they match up to rounding): the default options (cumulative history,
+    /// normalise before folding the batch in, `offset_weight = 1`), every group's history
+    /// already past `min_count`
     /// (so no row falls back and the normalisers are known before the pass), finite rewards,
     /// valid group ids, and each prompt's rows one run with prompt ids increasing from run to
     /// run (the layout the trainer produces), and at least as many rows as groups. Each
@@ -897,25 +926,10 @@ impl AdvantageConfig {
         let groups = (0..k)
             .map(|g| {
                 let c = deltas[g].count as usize;
-                let used = c > 0;
+                let (mean, inv) = norm[g];
                 let m = deltas[g].moments();
-                let (hm, hs) = if used {
-                    (norm[g].0, dens[g] - self.eps as f64)
-                } else {
-                    (f64::NAN, f64::NAN)
-                };
-                GroupDiagnostics {
-                    count: c,
-                    reward_mean: if used { m.mean } else { f64::NAN },
-                    advantage_mean: if used {
-                        (m.mean - norm[g].0) * norm[g].1
-                    } else {
-                        f64::NAN
-                    },
-                    used_history: used,
-                    history_mean: hm,
-                    history_std: hs,
-                }
+                let history = (c > 0).then(|| (mean, dens[g] - self.eps as f64));
+                GroupDiagnostics::new(c, m.mean, (m.mean - mean) * inv, history)
             })
             .collect();
         let diagnostics = AdvantageDiagnostics {
@@ -924,10 +938,8 @@ impl AdvantageConfig {
             frac_reward_zero_std: zero as f64 / num_prompts as f64,
             num_missing: 0,
             num_degenerate_prompts: 0,
-            reward_mean: batch_m.mean,
-            reward_std: batch_m
-                .variance(Variance::Sample)
-                .map_or(f64::NAN, f64::sqrt),
+            reward_mean: batch_reward_mean(&batch_m),
+            reward_std: batch_reward_std(&batch_m),
         };
         Some(Advantages {
             values,
