@@ -237,6 +237,22 @@ struct GroupState {
     window: VecDeque<f64>,
 }
 
+/// Whether `keys` is non-empty and strictly increasing: then they can be looked up in one
+/// ordered walk over the stored groups.
+fn increasing(keys: &[GroupKey]) -> bool {
+    !keys.is_empty() && keys.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Advances an ordered walk over stored groups to `key` (never past a larger key) and takes
+/// its value if it is stored.
+fn seek<'a, V>(
+    stored: &mut std::iter::Peekable<impl Iterator<Item = (&'a GroupKey, V)>>,
+    key: &GroupKey,
+) -> Option<V> {
+    while stored.next_if(|(k, _)| *k < key).is_some() {}
+    stored.next_if(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
 /// Folds one batch delta into a group's state.
 fn fold_into(state: &mut GroupState, kind: HistoryKind, decay: f64, delta: GroupDelta) {
     state.seen += delta.count;
@@ -405,7 +421,7 @@ impl RewardHistory {
     pub(crate) fn fold_deltas(&mut self, keys: &[GroupKey], deltas: Vec<GroupDelta>) {
         let (kind, decay) = (self.kind, self.decay);
         let mut rest: Vec<(&GroupKey, GroupDelta)> = Vec::new();
-        if keys.windows(2).all(|w| w[0] < w[1]) && !keys.is_empty() {
+        if increasing(keys) {
             // Increasing keys (the usual `0..k` ids): one ordered walk over the stored groups
             // instead of a search per key; groups not stored yet are inserted afterwards.
             let mut stored = self.groups.range_mut(keys[0].clone()..).peekable();
@@ -413,9 +429,8 @@ impl RewardHistory {
                 if delta.count == 0 {
                     continue;
                 }
-                while stored.next_if(|(k, _)| *k < key).is_some() {}
-                match stored.next_if(|(k, _)| *k == key) {
-                    Some((_, state)) => fold_into(state, kind, decay, delta),
+                match seek(&mut stored, key) {
+                    Some(state) => fold_into(state, kind, decay, delta),
                     None => rest.push((key, delta)),
                 }
             }
@@ -432,15 +447,12 @@ impl RewardHistory {
     /// [`moments`](Self::moments) of each of `keys`; for increasing keys one ordered walk
     /// over the stored groups instead of a search per key.
     pub(crate) fn moments_of(&self, keys: &[GroupKey]) -> Vec<Option<RunningMoments>> {
-        if keys.is_empty() || !keys.windows(2).all(|w| w[0] < w[1]) {
+        if !increasing(keys) {
             return keys.iter().map(|k| self.moments(k)).collect();
         }
         let mut stored = self.groups.range(keys[0].clone()..).peekable();
         keys.iter()
-            .map(|key| {
-                while stored.next_if(|(k, _)| *k < key).is_some() {}
-                stored.next_if(|(k, _)| *k == key).map(|(_, g)| g.moments)
-            })
+            .map(|key| seek(&mut stored, key).map(|g| g.moments))
             .collect()
     }
 
