@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{bail_config, Error, Result};
 use crate::history::{GroupDelta, HistoryKind, RunningMoments, Variance};
+use crate::names::named_enum;
 use crate::{GroupKey, RewardHistory};
 
 /// Which statistics normalise a reward. See the [module docs](self) for the formulas.
@@ -91,45 +92,14 @@ pub enum Estimator {
     PGrpo,
 }
 
-impl Estimator {
-    /// Every estimator, in table order.
-    pub const ALL: [Estimator; 6] = [
-        Estimator::Grpo,
-        Estimator::GrpoBatchStd,
-        Estimator::DrGrpo,
-        Estimator::BatchZScore,
-        Estimator::Rloo,
-        Estimator::PGrpo,
-    ];
-
-    /// The snake_case name used in configs and metrics (`"grpo"`, `"p_grpo"`, …).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Estimator::Grpo => "grpo",
-            Estimator::GrpoBatchStd => "grpo_batch_std",
-            Estimator::DrGrpo => "dr_grpo",
-            Estimator::BatchZScore => "batch_z_score",
-            Estimator::Rloo => "rloo",
-            Estimator::PGrpo => "p_grpo",
-        }
-    }
-}
-
-impl std::str::FromStr for Estimator {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Estimator::ALL
-            .into_iter()
-            .find(|e| e.name() == s || e.name().replace('_', "-") == s)
-            .ok_or_else(|| Error::InvalidConfig {
-                field: "estimator",
-                reason: format!(
-                    "unknown estimator {s:?}; expected one of {}",
-                    Estimator::ALL.map(|e| e.name()).join(", ")
-                ),
-            })
-    }
-}
+named_enum!(Estimator, "estimator", noun "estimator", [
+    Grpo => "grpo",
+    GrpoBatchStd => "grpo_batch_std",
+    DrGrpo => "dr_grpo",
+    BatchZScore => "batch_z_score",
+    Rloo => "rloo",
+    PGrpo => "p_grpo",
+]);
 
 /// When P-GRPO folds the batch into the history relative to normalising with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

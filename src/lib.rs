@@ -96,6 +96,7 @@ pub mod lm;
 pub mod metrics;
 pub mod models;
 pub mod movielens;
+mod names;
 pub mod objective;
 pub mod ops;
 pub mod optim;

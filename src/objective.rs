@@ -59,6 +59,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{bail_config, Error, Result};
+use crate::names::named_enum;
 
 /// How the `(B, T)` per-token loss is reduced to a scalar. See the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -102,45 +103,6 @@ pub enum KlEstimator {
     /// `k3 = exp(d) − d − 1`: unbiased, low variance, `≥ 0` (DeepSeekMath, TRL). Default.
     #[default]
     K3,
-}
-
-macro_rules! named_enum {
-    (
-        $ty:ident, $field:literal,
-        [$($variant:ident => $name:literal),+ $(,)?]
-        $(, alias $alias:literal => $target:ident)?
-    ) => {
-        impl $ty {
-            /// Every variant, in declaration order.
-            pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$variant),+];
-
-            /// The snake_case name used in configs and metrics.
-            pub fn name(&self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name),+
-                }
-            }
-        }
-
-        impl std::str::FromStr for $ty {
-            type Err = Error;
-            fn from_str(s: &str) -> Result<Self> {
-                $(if s == $alias {
-                    return Ok($ty::$target);
-                })?
-                $ty::ALL
-                    .into_iter()
-                    .find(|v| v.name() == s || v.name().replace('_', "-") == s)
-                    .ok_or_else(|| Error::InvalidConfig {
-                        field: $field,
-                        reason: format!(
-                            "unknown value {s:?}; expected one of {}",
-                            $ty::ALL.map(|v| v.name()).join(", ")
-                        ),
-                    })
-            }
-        }
-    };
 }
 
 named_enum!(LossAggregation, "aggregation",
