@@ -31,6 +31,8 @@ use crate::history::{GroupDelta, HistoryKind, RunningMoments, Variance};
 use crate::names::named_enum;
 use crate::{GroupKey, RewardHistory};
 
+pub use crate::history::BatchDeltas;
+
 /// Which statistics normalise a reward. See the [module docs](self) for the formulas.
 ///
 /// Every estimator on one batch: two prompts with `G = 3` completions each, prompt 0 in
@@ -302,106 +304,6 @@ pub struct AdvantageDiagnostics {
     pub reward_std: f64,
 }
 
-/// The batch's per-group reward statistics, ready to be folded into a [`RewardHistory`] with
-/// [`RewardHistory::apply`]. Index-aligned with the batch's `group_keys`.
-///
-/// They serialize (serde, and [`to_json`](Self::to_json)/[`from_json`](Self::from_json)
-/// with every `f64` read back to the same bits), so that data-parallel workers can exchange
-/// them and fold each other's batches into their histories
-/// ([`Collective::merge_batch_deltas`](crate::distributed::Collective::merge_batch_deltas)).
-///
-/// ```
-/// use pgrpo::{AdvantageConfig, BatchDeltas, GroupKey, RewardHistory, RolloutRewards};
-/// let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
-/// let batch = RolloutRewards {
-///     rewards: &[1.0, 0.0, 0.5, 0.25],
-///     prompt_ids: &[0, 0, 1, 1],
-///     group_ids: &[0, 0, 1, 1],
-///     group_keys: &keys,
-/// };
-/// let adv = AdvantageConfig::default().compute(&batch, &RewardHistory::default())?;
-/// assert_eq!(adv.deltas.len(), 2);
-/// let a = adv.deltas.moments(0).unwrap();
-/// assert_eq!((a.count, a.mean), (2, 0.5));
-/// // Another process reads it back exactly and folds it into its own history.
-/// let back = BatchDeltas::from_json(&adv.deltas.to_json()?)?;
-/// assert_eq!(back, adv.deltas);
-/// let mut history = RewardHistory::default();
-/// history.apply(&keys, back)?;
-/// assert_eq!(history.stats(&"b".into()).unwrap().n, 2);
-/// # Ok::<(), pgrpo::Error>(())
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchDeltas {
-    pub(crate) kind: HistoryKind,
-    pub(crate) deltas: Vec<GroupDelta>,
-}
-
-impl BatchDeltas {
-    /// No groups: folding it changes nothing.
-    pub fn empty(kind: HistoryKind) -> Self {
-        Self {
-            kind,
-            deltas: Vec::new(),
-        }
-    }
-
-    /// The history kind the statistics were computed for.
-    pub fn kind(&self) -> HistoryKind {
-        self.kind
-    }
-
-    /// Number of groups (the batch's `group_keys.len()`).
-    pub fn len(&self) -> usize {
-        self.deltas.len()
-    }
-
-    /// Whether there is no group.
-    pub fn is_empty(&self) -> bool {
-        self.deltas.is_empty()
-    }
-
-    /// The moments of group `i`'s rewards in this batch (weighted for an exponential
-    /// history), or `None` past the end.
-    pub fn moments(&self, i: usize) -> Option<RunningMoments> {
-        self.deltas.get(i).map(|d| d.moments_for(self.kind))
-    }
-
-    /// JSON, each `f64` written so that [`from_json`](Self::from_json) reads the same bits.
-    ///
-    /// # Errors
-    /// [`Error::Json`] (not expected: the statistics are finite).
-    pub fn to_json(&self) -> Result<String> {
-        Ok(serde_json::to_string(self)?)
-    }
-
-    /// Parses [`to_json`](Self::to_json)'s output and checks that every delta is one a batch
-    /// could have produced for its kind (finite sums; a window delta holds `count` values).
-    ///
-    /// # Errors
-    /// [`Error::Json`] for malformed JSON, [`Error::InvalidHistory`] for inconsistent
-    /// statistics or an invalid kind.
-    pub fn from_json(json: &str) -> Result<Self> {
-        let d: BatchDeltas = serde_json::from_str(json)?;
-        d.check()?;
-        Ok(d)
-    }
-
-    /// The checks of [`from_json`](Self::from_json), for deltas deserialized another way.
-    pub(crate) fn check(&self) -> Result<()> {
-        self.kind
-            .validate()
-            .map_err(|e| Error::InvalidHistory(format!("batch deltas kind: {e}")))?;
-        if let Some(i) = self.deltas.iter().position(|g| !g.is_consistent(self.kind)) {
-            return Err(Error::InvalidHistory(format!(
-                "batch deltas: group {i} holds inconsistent statistics"
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Output of [`AdvantageConfig::compute`].
 #[derive(Debug, Clone)]
 pub struct Advantages {
@@ -411,34 +313,6 @@ pub struct Advantages {
     pub diagnostics: AdvantageDiagnostics,
     /// The batch's per-group statistics, to fold into the history.
     pub deltas: BatchDeltas,
-}
-
-impl RewardHistory {
-    /// Folds a batch's per-group statistics (from [`AdvantageConfig::compute`]) into the store.
-    /// `keys` must be the `group_keys` of that batch.
-    ///
-    /// # Errors
-    /// [`Error::LengthMismatch`] if `keys` does not match, [`Error::InvalidHistory`] if the
-    /// deltas were computed for another history kind.
-    pub fn apply(&mut self, keys: &[GroupKey], deltas: BatchDeltas) -> Result<()> {
-        if keys.len() != deltas.deltas.len() {
-            return Err(Error::LengthMismatch {
-                what: "group_keys",
-                got: keys.len(),
-                against: "batch deltas",
-                expected: deltas.deltas.len(),
-            });
-        }
-        if deltas.kind != self.kind() {
-            return Err(Error::InvalidHistory(format!(
-                "batch statistics were computed for a {:?} history, this one is {:?}",
-                deltas.kind,
-                self.kind()
-            )));
-        }
-        self.fold_deltas(keys, deltas.deltas);
-        Ok(())
-    }
 }
 
 impl AdvantageConfig {
