@@ -104,8 +104,8 @@ pub const DEFAULT_BUCKET_ELEMS: usize = 1 << 24;
 /// matching sizes. Every result is the same, bit for bit, on every rank: sums of `f64`
 /// statistics are all-gathered and added in rank order on each rank rather than reduced by
 /// the library. It is implemented for references too, so several trainers can share one
-/// `Mpi` (`with_collective(&mpi)`). What the trainer exchanges through it is in
-/// [`protocol`](self::protocol) (crate-internal) and the [module docs](self).
+/// `Mpi` (`with_collective(&mpi)`). What the trainer exchanges through it: the
+/// [module docs](self) (and `src/distributed/protocol.rs`).
 ///
 /// ```
 /// use pgrpo::distributed::{Collective, SingleProcess};
