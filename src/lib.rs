@@ -50,6 +50,7 @@
 //! | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs |
 //! | [`policy`] | the [`Policy`] trait a model implements |
 //! | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
+//! | [`rng`] | the sampling generator of each step (and rank), from the seed alone |
 //! | [`distributed`] | data-parallel training over MPI (and NCCL): [`Collective`](distributed::Collective) |
 //! | [`metrics`], [`sink`] | [`StepMetrics`] and where they go (JSON Lines, CSV) |
 //! | [`models`], [`lm`] | bandit policies (tabular, MLP) and a trainable Llama-family LM |
@@ -102,6 +103,7 @@ pub mod ops;
 pub mod optim;
 pub mod policy;
 mod reward;
+pub mod rng;
 pub mod sink;
 pub mod trainer;
 pub mod trl;

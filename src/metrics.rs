@@ -28,31 +28,35 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::GroupKey;
+use crate::{GroupKey, ObjectiveMetrics};
 
 /// The batch-level metric names a [`Trainer`](crate::Trainer) step can report, in table order.
 /// A step leaves out the ones that do not apply (e.g. `entropy` when the policy reports none,
-/// the objective metrics when the update was skipped).
-pub const GLOBAL_NAMES: [&str; 18] = [
-    "reward",
-    "reward_std",
-    "frac_reward_zero_std",
-    "policy_loss",
-    "loss",
-    "kl",
-    "approx_kl",
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
-    "clip_ratio/region_mean",
-    "entropy",
-    "completions/mean_length",
-    "grad_norm",
-    "learning_rate",
-    "advantage/mean",
-    "advantage/std",
-    "num_missing_rewards",
-    "skipped_update",
-];
+/// the objective metrics when the update was skipped). The objective's diagnostics come from
+/// [`ObjectiveMetrics::NAMES`], `loss` between its first and second.
+pub const GLOBAL_NAMES: [&str; 18] = {
+    let o = ObjectiveMetrics::NAMES;
+    [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        o[0],
+        "loss",
+        o[1],
+        o[2],
+        o[3],
+        o[4],
+        o[5],
+        "entropy",
+        "completions/mean_length",
+        "grad_norm",
+        "learning_rate",
+        "advantage/mean",
+        "advantage/std",
+        "num_missing_rewards",
+        "skipped_update",
+    ]
+};
 
 /// The six per-group metric names of preference group `group`: `group/<g>/reward_mean`,
 /// `group/<g>/advantage_mean`, `group/<g>/count`, `history/<g>/mean`, `history/<g>/std`,
@@ -105,5 +109,20 @@ impl StepMetrics {
     /// Mean reward of one preference group in this batch (`None` if it had no row).
     pub fn group_reward(&self, group: &str) -> Option<f64> {
         self.get(&format!("group/{group}/reward_mean"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_names_are_distinct_and_hold_the_objective_names() {
+        for (i, a) in GLOBAL_NAMES.iter().enumerate() {
+            assert!(!GLOBAL_NAMES[i + 1..].contains(a), "{a} twice");
+        }
+        for name in ObjectiveMetrics::NAMES.iter().chain(&["loss"]) {
+            assert!(GLOBAL_NAMES.contains(name), "{name}");
+        }
     }
 }

@@ -288,6 +288,107 @@ pub struct ObjectiveMetrics {
     pub num_tokens: f64,
 }
 
+impl ObjectiveMetrics {
+    /// The [step-metric](crate::metrics) names of the diagnostics, in the order of
+    /// [`values`](Self::values): the one list of these names (the trainer's metrics, the
+    /// data-parallel messages and [`metrics::GLOBAL_NAMES`](crate::metrics::GLOBAL_NAMES) use
+    /// it). `num_tokens` is not among them: it is a normaliser, not a reported metric.
+    ///
+    /// ```
+    /// use pgrpo::ObjectiveMetrics;
+    /// let m = ObjectiveMetrics { kl: 0.5, num_tokens: 3.0, ..Default::default() };
+    /// let i = ObjectiveMetrics::NAMES.iter().position(|n| *n == "kl").unwrap();
+    /// assert_eq!(m.values()[i], 0.5);
+    /// assert_eq!(ObjectiveMetrics::from_values(m.values(), m.num_tokens), m);
+    /// ```
+    pub const NAMES: [&'static str; 6] = [
+        "policy_loss",
+        "kl",
+        "approx_kl",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+    ];
+
+    /// The diagnostics named by [`NAMES`](Self::NAMES), in that order.
+    pub fn values(&self) -> [f64; 6] {
+        [
+            self.policy_loss,
+            self.kl,
+            self.approx_kl,
+            self.clip_ratio_low,
+            self.clip_ratio_high,
+            self.clip_ratio_region,
+        ]
+    }
+
+    /// The metrics with [`values`](Self::values) `values` over `num_tokens` tokens.
+    pub fn from_values(values: [f64; 6], num_tokens: f64) -> Self {
+        let [policy_loss, kl, approx_kl, clip_ratio_low, clip_ratio_high, clip_ratio_region] =
+            values;
+        Self {
+            policy_loss,
+            kl,
+            approx_kl,
+            clip_ratio_low,
+            clip_ratio_high,
+            clip_ratio_region,
+            num_tokens,
+        }
+    }
+
+    /// Adds the metrics of `part`, one of the disjoint sub-batches of a batch, to `self` (the
+    /// batch's, being summed): `policy_loss`, aggregated like the loss, weighted by
+    /// `loss_weight` (the part's loss denominator over the batch's), the token means by
+    /// `token_weight` (the part's `max(N, 1)` over the batch's). `num_tokens` is left alone.
+    pub(crate) fn add_part(&mut self, part: &Self, loss_weight: f64, token_weight: f64) {
+        self.policy_loss += loss_weight * part.policy_loss;
+        self.kl += token_weight * part.kl;
+        self.approx_kl += token_weight * part.approx_kl;
+        self.clip_ratio_low += token_weight * part.clip_ratio_low;
+        self.clip_ratio_high += token_weight * part.clip_ratio_high;
+        self.clip_ratio_region += token_weight * part.clip_ratio_region;
+    }
+}
+
+impl LossAggregation {
+    /// What the aggregation divides the summed loss by, for a batch of `rows` rows (`B`)
+    /// padded to `width` columns (`T`) holding `tokens` completion tokens (`N`): `B` for
+    /// `Grpo` (which sums the rows' token means), `max(N, 1)` for `Bnpo`, `B · L` for
+    /// `DrGrpo` with `L = max_len` or `T`. The one place these denominators are defined:
+    /// [`clipped_objective`] divides by them, and a data-parallel step weights each rank's
+    /// loss by its denominator over the whole batch's.
+    ///
+    /// ```
+    /// use pgrpo::LossAggregation;
+    /// assert_eq!(LossAggregation::Grpo.denominator(4, 10.0, 6, None), 4.0);
+    /// assert_eq!(LossAggregation::Bnpo.denominator(4, 10.0, 6, None), 10.0);
+    /// assert_eq!(LossAggregation::Bnpo.denominator(4, 0.0, 6, None), 1.0);
+    /// assert_eq!(LossAggregation::DrGrpo.denominator(4, 10.0, 6, None), 24.0);
+    /// assert_eq!(LossAggregation::DrGrpo.denominator(4, 10.0, 6, Some(8)), 32.0);
+    /// ```
+    pub fn denominator(
+        self,
+        rows: usize,
+        tokens: f64,
+        width: usize,
+        max_len: Option<usize>,
+    ) -> f64 {
+        self.shape_denominator(rows, width, max_len)
+            .unwrap_or(tokens.max(1.0))
+    }
+
+    /// The denominator when the batch's shape fixes it (`B`, `B · L`); `None` for `Bnpo`,
+    /// whose `max(N, 1)` depends on the mask (the objective keeps it on the device).
+    fn shape_denominator(self, rows: usize, width: usize, max_len: Option<usize>) -> Option<f64> {
+        match self {
+            LossAggregation::Grpo => Some(rows as f64),
+            LossAggregation::Bnpo => None,
+            LossAggregation::DrGrpo => Some(rows as f64 * max_len.unwrap_or(width) as f64),
+        }
+    }
+}
+
 /// The loss and its diagnostics.
 #[derive(Debug, Clone)]
 pub struct ObjectiveOutput {
@@ -370,7 +471,7 @@ pub fn clipped_objective(
         .broadcast_as((b, t))?;
     let is_token = mask.ne(0.0)?;
     let zeros = Tensor::zeros((), dtype, logp.device())?.broadcast_as((b, t))?;
-    let norm = Normalizers::new(&mask, b, max_len)?;
+    let norm = Normalizers::new(&mask, cfg.aggregation, b, t, Some(max_len))?;
 
     // Importance ratio (token log-ratio zeroed on padding, so padding values never matter).
     let log_ratio_tok = is_token.where_cond(&logp.sub(&old_logp)?, &zeros)?;
@@ -411,7 +512,7 @@ pub fn clipped_objective(
         Some(kl) if cfg.beta > 0.0 => (surrogate.neg()? + (kl * cfg.beta as f64)?)?,
         _ => surrogate.neg()?,
     };
-    let loss = norm.aggregate(cfg.aggregation, &per_token_loss)?;
+    let loss = norm.aggregate(&per_token_loss)?;
 
     // Metrics, from detached tensors, in one device-to-host copy.
     let ratio = ratio.detach();
@@ -429,7 +530,7 @@ pub fn clipped_objective(
     };
     let values = Tensor::stack(
         &[
-            norm.aggregate(cfg.aggregation, &surrogate.detach().neg()?)?,
+            norm.aggregate(&surrogate.detach().neg()?)?,
             kl_mean,
             norm.token_mean(&approx_kl)?,
             norm.token_mean(&low)?,
@@ -449,19 +550,14 @@ pub fn clipped_objective(
     }
     Ok(ObjectiveOutput {
         loss,
-        metrics: ObjectiveMetrics {
-            policy_loss,
-            kl,
-            approx_kl,
-            clip_ratio_low: low,
-            clip_ratio_high: high,
-            clip_ratio_region: region,
+        metrics: ObjectiveMetrics::from_values(
+            [policy_loss, kl, approx_kl, low, high, region],
             num_tokens,
-        },
+        ),
     })
 }
 
-/// The mask and the denominators of the three aggregations.
+/// The mask and the denominators of the loss aggregation and of the token means.
 struct Normalizers {
     /// `(B, T)` mask in the computation dtype.
     mask: Tensor,
@@ -469,21 +565,30 @@ struct Normalizers {
     row: Tensor,
     /// Scalar `N`.
     tokens: Tensor,
-    /// Scalar `max(N, 1)`.
+    /// Scalar `max(N, 1)`: the token means' denominator, and `Bnpo`'s (the floor of
+    /// [`LossAggregation::denominator`], kept on the device).
     tokens_den: Tensor,
-    /// `B · L` for Dr. GRPO.
-    dr_grpo_den: f64,
+    aggregation: LossAggregation,
+    /// The aggregation's denominator when the shape fixes it (`B`, `B · L`).
+    shape_den: Option<f64>,
 }
 
 impl Normalizers {
-    fn new(mask: &Tensor, b: usize, max_len: usize) -> Result<Self> {
+    fn new(
+        mask: &Tensor,
+        aggregation: LossAggregation,
+        b: usize,
+        t: usize,
+        max_len: Option<usize>,
+    ) -> Result<Self> {
         let tokens = mask.sum_all()?;
         Ok(Self {
             mask: mask.clone(),
             row: mask.sum(1)?.maximum(1.0)?,
             tokens_den: tokens.maximum(1.0)?,
             tokens,
-            dr_grpo_den: (b * max_len) as f64,
+            aggregation,
+            shape_den: aggregation.shape_denominator(b, t, max_len),
         })
     }
 
@@ -492,16 +597,18 @@ impl Normalizers {
         Ok(x.mul(&self.mask)?.sum_all()?.div(&self.tokens_den)?)
     }
 
-    /// The scalar loss from a `(B, T)` per-token loss.
-    fn aggregate(&self, how: LossAggregation, per_token: &Tensor) -> Result<Tensor> {
+    /// The scalar loss from a `(B, T)` per-token loss: the sum of the rows' token means
+    /// (`Grpo`) or of all tokens, over the aggregation's denominator.
+    fn aggregate(&self, per_token: &Tensor) -> Result<Tensor> {
         let masked = per_token.mul(&self.mask)?;
-        Ok(match how {
-            // mean over sequences of each sequence's token mean
-            LossAggregation::Grpo => masked.sum(1)?.div(&self.row)?.mean(0)?,
-            // mean over all tokens of the batch
-            LossAggregation::Bnpo => masked.sum_all()?.div(&self.tokens_den)?,
-            // sum over all tokens over a constant B · L
-            LossAggregation::DrGrpo => (masked.sum_all()? / self.dr_grpo_den)?,
+        let sum = match self.aggregation {
+            LossAggregation::Grpo => masked.sum(1)?.div(&self.row)?.sum(0)?,
+            LossAggregation::Bnpo | LossAggregation::DrGrpo => masked.sum_all()?,
+        };
+        // `x * (1/d)` is candle's `mean` (and `x / d`) to the bit: one `affine(1/d, 0)`.
+        Ok(match self.shape_den {
+            Some(d) => (sum * (1.0 / d))?,
+            None => sum.div(&self.tokens_den)?,
         })
     }
 }

@@ -12,7 +12,8 @@ use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
 
-use super::{buckets, check_root, host_all_reduce_gradients, layout_bytes, Collective, Mpi};
+use super::host::{self, buckets, layout_bytes};
+use super::{check_root, Collective, Mpi};
 use crate::{Error, Result};
 
 /// One CUDA GPU per MPI rank. Gradients are flattened into `f32` buckets **on the GPU** and
@@ -202,7 +203,7 @@ impl Collective for Nccl {
     /// the identity), so that a machine with a single GPU can exercise the device path.
     fn all_reduce_gradients(&self, vars: &[Var], grads: &mut GradStore) -> Result<()> {
         if !vars.iter().all(|v| v.device().is_cuda()) {
-            return host_all_reduce_gradients(self, vars, grads);
+            return host::all_reduce_gradients(self, vars, grads);
         }
         for range in buckets(vars, self.bucket_elems().max(1)) {
             let vars = &vars[range];
@@ -262,7 +263,7 @@ impl Collective for Nccl {
             .iter()
             .all(|v| v.device().is_cuda() && v.as_tensor().is_contiguous())
         {
-            return super::host_broadcast_vars(self, vars, root);
+            return host::broadcast_vars(self, vars, root);
         }
         self.check_same(
             "the policy's variables (shapes and dtypes)",

@@ -1,8 +1,21 @@
-//! What ranks send each other, as bytes: little-endian numbers, JSON for the batch statistics.
+//! What ranks send each other, as bytes: every message of the data-parallel protocol
+//! ([`protocol`](super::protocol) says when each is sent and what is done with it). Numbers
+//! are little-endian; JSON where serde already has the format.
+//!
+//! | message | bytes |
+//! |---|---|
+//! | outcome (of any exchange that can fail on a rank) | `0` then the body, or `1` then the error's text (UTF-8) |
+//! | rollout ([`encode_rollout`]) | the batch's fingerprint (`u64`), then an outcome whose body is the rank's rewards (`f32` each) |
+//! | loss part ([`RankPart`]) | an outcome whose body is 14 `f64`: has-loss flag, `B_r`, `N_r`, `T_r`, loss, the objective metrics in [`ObjectiveMetrics::NAMES`] order, `Σ mask`, has-entropy flag, `Σ entropy · mask` |
+//! | reward-function state (saving) | an outcome whose body is the JSON of the state (`null` for none) |
+//! | checkpoint path (saving) | an outcome whose body is the path rank 0 wrote (UTF-8; empty from the other ranks) |
+//! | agreement ([`Collective::check_same`](super::Collective::check_same)) | a 64-bit FNV-1a fingerprint ([`Fnv64`]) |
+//! | batch statistics ([`encode_deltas`]) | JSON `{"keys": [...], "deltas": BatchDeltas}` |
+//! | `f64` values ([`all_gather_f64`](super::all_gather_f64)) | the values (`f64` each) |
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BatchDeltas, Error, GroupKey, Result};
+use crate::{BatchDeltas, Error, GroupKey, ObjectiveMetrics, Result};
 
 /// FNV-1a, 64 bits: a fingerprint that is the same in every process and on every host
 /// (unlike `std`'s hasher, whose algorithm may change between Rust releases).
@@ -75,6 +88,34 @@ pub(crate) fn f64s(bytes: &[u8]) -> Option<Vec<f64>> {
     })
 }
 
+/// `values` as little-endian bytes.
+pub(crate) fn f64_bytes(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Appends an outcome to `out`: `0` and the body, or `1` and the error's text.
+pub(crate) fn push_outcome(out: &mut Vec<u8>, local: std::result::Result<&[u8], &str>) {
+    match local {
+        Ok(body) => {
+            out.push(0);
+            out.extend_from_slice(body);
+        }
+        Err(msg) => {
+            out.push(1);
+            out.extend_from_slice(msg.as_bytes());
+        }
+    }
+}
+
+/// Reads [`push_outcome`]'s bytes: the body or the error's text; `None` if malformed.
+pub(crate) fn read_outcome(bytes: &[u8]) -> Option<std::result::Result<&[u8], String>> {
+    match bytes.split_first()? {
+        (0, body) => Some(Ok(body)),
+        (1, msg) => Some(Err(String::from_utf8_lossy(msg).into_owned())),
+        _ => None,
+    }
+}
+
 #[derive(Serialize)]
 struct DeltasOut<'a> {
     keys: &'a [GroupKey],
@@ -109,20 +150,11 @@ pub(crate) fn decode_deltas(bytes: &[u8]) -> Result<(Vec<GroupKey>, BatchDeltas)
 }
 
 /// One rank's part of a rollout, as sent to the others: the fingerprint of the batch it
-/// was given, then its rows' rewards, or the error that stopped it.
-pub(crate) fn encode_rollout(batch_fp: u64, local: std::result::Result<&[f32], String>) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend(batch_fp.to_le_bytes());
-    match local {
-        Ok(rewards) => {
-            out.push(0);
-            out.extend(rewards.iter().flat_map(|r| r.to_le_bytes()));
-        }
-        Err(msg) => {
-            out.push(1);
-            out.extend(msg.as_bytes());
-        }
-    }
+/// was given, then an outcome: its rows' rewards, or the error that stopped it.
+pub(crate) fn encode_rollout(batch_fp: u64, local: std::result::Result<&[f32], &str>) -> Vec<u8> {
+    let mut out = batch_fp.to_le_bytes().to_vec();
+    let rewards = local.map(|r| r.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+    push_outcome(&mut out, rewards.as_deref().map_err(|e| *e));
     out
 }
 
@@ -133,20 +165,80 @@ pub(crate) struct RankRollout {
 }
 
 pub(crate) fn decode_rollout(bytes: &[u8]) -> Option<RankRollout> {
-    if bytes.len() < 9 {
-        return None;
-    }
-    let batch_fp = u64::from_le_bytes(bytes[..8].try_into().ok()?);
-    let body = &bytes[9..];
-    let rewards = match bytes[8] {
-        0 if body.len().is_multiple_of(4) => Ok(body
+    let (fp, rest) = bytes.split_first_chunk::<8>()?;
+    let rewards = match read_outcome(rest)? {
+        Ok(body) if body.len().is_multiple_of(4) => Ok(body
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect()),
-        1 => Err(String::from_utf8_lossy(body).into_owned()),
-        _ => return None,
+        Ok(_) => return None,
+        Err(msg) => Err(msg),
     };
-    Some(RankRollout { batch_fp, rewards })
+    Some(RankRollout {
+        batch_fp: u64::from_le_bytes(*fp),
+        rewards,
+    })
+}
+
+/// What one rank tells the others about its loss in each iteration: the normalisers of its
+/// rows and its objective metrics (the body of an outcome; see the [module docs](self)).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RankPart {
+    /// Whether the rank has a loss (some completion token not masked out).
+    pub(crate) has_loss: bool,
+    /// `B_r`, its rows.
+    pub(crate) rows: usize,
+    /// `T_r`, the width of its `(B_r, T_r)` log-probs.
+    pub(crate) width: usize,
+    /// Its loss, normalised over its own rows.
+    pub(crate) loss: f64,
+    /// Its objective metrics; `num_tokens` is `N_r`, its completion tokens after masking.
+    pub(crate) metrics: ObjectiveMetrics,
+    /// `Σ mask` of its log-probs (before masking zero-spread prompts).
+    pub(crate) mask_sum: f64,
+    /// `Σ entropy · mask`, when the policy reports entropy.
+    pub(crate) entropy_sum: Option<f64>,
+}
+
+impl RankPart {
+    /// The body: 14 little-endian `f64`.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let flag = |b: bool| f64::from(u8::from(b));
+        let mut v = vec![
+            flag(self.has_loss),
+            self.rows as f64,
+            self.metrics.num_tokens,
+            self.width as f64,
+            self.loss,
+        ];
+        v.extend(self.metrics.values());
+        v.extend([
+            self.mask_sum,
+            flag(self.entropy_sum.is_some()),
+            self.entropy_sum.unwrap_or(0.0),
+        ]);
+        f64_bytes(&v)
+    }
+
+    /// Reads [`to_bytes`](Self::to_bytes)' body; `None` if malformed.
+    pub(crate) fn from_bytes(body: &[u8]) -> Option<Self> {
+        let v = f64s(body)?;
+        let [has, rows, tokens, width, loss, ref m @ .., mask_sum, has_entropy, entropy] = v[..]
+        else {
+            return None;
+        };
+        let count =
+            |x: f64| (x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53)).then_some(x as usize);
+        Some(Self {
+            has_loss: has != 0.0,
+            rows: count(rows)?,
+            width: count(width)?,
+            loss,
+            metrics: ObjectiveMetrics::from_values(m.try_into().ok()?, tokens),
+            mask_sum,
+            entropy_sum: (has_entropy != 0.0).then_some(entropy),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -172,12 +264,44 @@ mod tests {
             got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             r.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         );
-        let m = decode_rollout(&encode_rollout(9, Err("judge timed out".into()))).unwrap();
+        let m = decode_rollout(&encode_rollout(9, Err("judge timed out"))).unwrap();
         assert_eq!(m.rewards.unwrap_err(), "judge timed out");
         assert!(decode_rollout(&[1, 2, 3]).is_none());
         let mut bad = encode_rollout(1, Ok(&r));
         bad.pop();
         assert!(decode_rollout(&bad).is_none());
+    }
+
+    #[test]
+    fn outcomes_and_loss_parts_round_trip() {
+        let part = RankPart {
+            has_loss: true,
+            rows: 6,
+            width: 9,
+            loss: -0.0,
+            metrics: ObjectiveMetrics::from_values([0.1, 0.2, 0.3, 0.4, 0.5, f64::NAN], 17.0),
+            mask_sum: 21.0,
+            entropy_sum: Some(3.5),
+        };
+        let mut msg = Vec::new();
+        push_outcome(&mut msg, Ok(&part.to_bytes()));
+        assert_eq!(msg.len(), 113);
+        let body = read_outcome(&msg).unwrap().unwrap();
+        let back = RankPart::from_bytes(body).unwrap();
+        assert_eq!(back.to_bytes(), part.to_bytes());
+        assert!(back.loss.is_sign_negative());
+        assert_eq!(back.metrics.num_tokens, 17.0);
+        let none = RankPart::default();
+        assert_eq!(RankPart::from_bytes(&none.to_bytes()), Some(none));
+        assert!(RankPart::from_bytes(&part.to_bytes()[8..]).is_none());
+        let mut bad = part.to_bytes();
+        bad[8..16].copy_from_slice(&2.5f64.to_le_bytes()); // a fractional row count
+        assert!(RankPart::from_bytes(&bad).is_none());
+        let mut failed = Vec::new();
+        push_outcome(&mut failed, Err("out of memory"));
+        assert_eq!(read_outcome(&failed), Some(Err("out of memory".into())));
+        assert_eq!(read_outcome(&[]), None);
+        assert_eq!(read_outcome(&[2, 0]), None);
     }
 
     /// Batch statistics of every history kind travel exactly: the history they build on the

@@ -1,0 +1,269 @@
+//! Steps 1–3 of a training step: sample, score, turn rewards into advantages.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_nn::Optimizer;
+use rand::rngs::StdRng;
+
+use super::Trainer;
+use crate::distributed::{protocol, shard, Collective};
+use crate::rng::rank_step_rng;
+use crate::{
+    AdvantageDiagnostics, BatchDeltas, Error, GroupKey, Policy, Result, RewardFn, RolloutRewards,
+    TokenLogProbs,
+};
+
+/// A prompt with its preference-group label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupedPrompt<T> {
+    /// The prompt, as the policy takes it.
+    pub prompt: T,
+    /// Its preference group.
+    pub group: GroupKey,
+}
+
+impl<T> GroupedPrompt<T> {
+    /// A prompt in `group`.
+    pub fn new(prompt: T, group: impl Into<GroupKey>) -> Self {
+        Self {
+            prompt,
+            group: group.into(),
+        }
+    }
+}
+
+/// Sampled, scored and normalised completions of one batch, before the update.
+///
+/// Rows are prompt-major: row `i * G + j` is the `j`-th completion of prompt `i`.
+///
+/// In a data-parallel run the rows are this rank's: the completions of its
+/// [shard](crate::distributed::shard) of the prompts (`N` is the shard's prompts × `G`,
+/// `prompt_ids` are indices into the whole batch); `group_keys`, `diagnostics` and the
+/// history update describe the whole batch.
+pub struct Rollout<'a, P: Policy> {
+    /// The prompt of each row.
+    pub prompts: Vec<&'a P::Prompt>,
+    /// The completion of each row.
+    pub completions: Vec<P::Completion>,
+    /// `(N,)` rewards.
+    pub rewards: Vec<f32>,
+    /// `(N,)` advantages.
+    pub advantages: Vec<f32>,
+    /// `(N,)` prompt index of each row (`0..batch.len()`).
+    pub prompt_ids: Vec<u32>,
+    /// `(N,)` index into `group_keys` of each row.
+    pub group_ids: Vec<u32>,
+    /// The preference groups of the batch, in order of first appearance.
+    pub group_keys: Vec<GroupKey>,
+    /// What the advantage computation saw (the whole batch).
+    pub diagnostics: AdvantageDiagnostics,
+    pub(super) deltas: BatchDeltas,
+    /// Mean and std of the whole batch's advantages.
+    pub(super) advantage_stats: (f64, f64),
+    /// Rows in the whole batch.
+    pub(super) global_rows: usize,
+    /// Whether every prompt of the whole batch is masked out (nothing to learn from).
+    pub(super) all_masked: bool,
+    pub(super) old: Option<TokenLogProbs>,
+    pub(super) reference: Option<Tensor>,
+    pub(super) zero_std_rows: Vec<bool>,
+    pub(super) timings: Vec<(&'static str, f64)>,
+}
+
+impl<P, R, O, C> Trainer<P, R, O, C>
+where
+    P: Policy,
+    P::Prompt: Clone,
+    R: RewardFn<P::Prompt, P::Completion>,
+    O: Optimizer,
+    C: Collective,
+{
+    /// Steps 1–3: sample, score, compute advantages (and the old/reference log-probs the
+    /// update needs). Sampling draws from a generator derived from `(config.seed, step)`
+    /// ([`step_rng`](crate::rng::step_rng); rank `r` of a data-parallel run uses
+    /// [`rank_step_rng`]), so a run's randomness is fixed by the seed and the step number
+    /// alone: nothing to save for an exact resume. The history is not changed.
+    ///
+    /// In a data-parallel run this rank samples and scores its shard of `batch` only; the
+    /// rewards of all ranks are then all-gathered and the advantages computed on the whole
+    /// batch (see [`distributed`](crate::distributed)). One process is the world of one: its
+    /// shard is the whole batch, and the exchange hands back its own rewards.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for an empty batch, then as [`step`](Self::step); in a data-parallel
+    /// run [`Error::InvalidConfig`] for a batch with fewer prompts than ranks, and
+    /// [`Error::Distributed`] when another rank failed or was given another batch.
+    pub fn rollout<'a>(&mut self, batch: &'a [GroupedPrompt<P::Prompt>]) -> Result<Rollout<'a, P>> {
+        if batch.is_empty() {
+            return Err(Error::Empty("batch"));
+        }
+        if let Some(states) = self.rank_reward_states.take() {
+            states.restore_rank(&mut self.reward, self.comm.rank(), self.comm.world())?;
+        }
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        if batch.len() < world {
+            return Err(Error::InvalidConfig {
+                field: "batch",
+                reason: format!(
+                    "{} prompts cannot be shared by {world} ranks: give every rank at least one",
+                    batch.len()
+                ),
+            });
+        }
+        let g = self.config.num_generations;
+        let shard = shard(batch.len(), rank, world);
+        let t0 = Instant::now();
+        let mut rng = rank_step_rng(self.config.seed, self.step, rank);
+        let local = self.sample_and_score(&batch[shard.clone()], g, &mut rng);
+        let t_local = t0.elapsed().as_secs_f64();
+        // Every rank needs every reward.
+        let t1 = Instant::now();
+        let fp = protocol::batch_fingerprint(self.step, batch.iter().map(|item| &item.group));
+        let local =
+            local.map(|(completions, rewards, t_reward)| ((completions, t_reward), rewards));
+        let ((completions, t_reward), rewards) =
+            protocol::exchange_rewards(&self.comm, fp, batch.len(), g, local)?;
+        let t_exchange = t1.elapsed().as_secs_f64();
+        let t_sample = t_local - t_reward;
+
+        // Labels of every row of the whole batch, in row order.
+        let n = batch.len() * g;
+        let mut prompt_ids = Vec::with_capacity(n);
+        let mut group_ids = Vec::with_capacity(n);
+        let mut group_keys: Vec<GroupKey> = Vec::new();
+        let mut key_index: HashMap<&GroupKey, u32> = HashMap::new();
+        for row in 0..n {
+            let item = &batch[row / g];
+            prompt_ids.push((row / g) as u32);
+            let gid = *key_index.entry(&item.group).or_insert_with(|| {
+                group_keys.push(item.group.clone());
+                group_keys.len() as u32 - 1
+            });
+            group_ids.push(gid);
+        }
+
+        let adv = self.config.advantage.compute(
+            &RolloutRewards {
+                rewards: &rewards,
+                prompt_ids: &prompt_ids,
+                group_ids: &group_ids,
+                group_keys: &group_keys,
+            },
+            &self.history,
+        )?;
+        let advantage_stats = mean_std(&adv.values);
+        let zero_std = if self.config.mask_zero_std_prompts {
+            zero_spread_rows(&rewards, g)
+        } else {
+            vec![false; n]
+        };
+        let all_masked = zero_std.iter().all(|&z| z);
+
+        // This rank's rows.
+        let rows = shard.start * g..shard.end * g;
+        let row_prompts: Vec<&P::Prompt> = rows.clone().map(|r| &batch[r / g].prompt).collect();
+        let t2 = Instant::now();
+        let old = if self.config.num_iterations > 1 {
+            Some(self.policy.log_probs_detached(&row_prompts, &completions)?)
+        } else {
+            None
+        };
+        let reference = match &self.reference {
+            Some(r) => Some(r.log_probs_detached(&row_prompts, &completions)?.logp),
+            None => None,
+        };
+        let t_old = t2.elapsed().as_secs_f64();
+        Ok(Rollout {
+            prompts: row_prompts,
+            completions,
+            rewards: keep_rows(rewards, &rows),
+            advantages: keep_rows(adv.values, &rows),
+            prompt_ids: keep_rows(prompt_ids, &rows),
+            group_ids: keep_rows(group_ids, &rows),
+            group_keys,
+            diagnostics: adv.diagnostics,
+            deltas: adv.deltas,
+            advantage_stats,
+            global_rows: n,
+            all_masked,
+            old,
+            reference,
+            zero_std_rows: keep_rows(zero_std, &rows),
+            timings: vec![
+                ("sample", t_sample),
+                ("reward", t_reward),
+                ("exchange_rewards", t_exchange),
+                ("old_logp", t_old),
+            ],
+        })
+    }
+
+    /// Samples `g` completions for each prompt of `batch` and scores them: the completions,
+    /// their rewards and the seconds spent scoring.
+    fn sample_and_score(
+        &mut self,
+        batch: &[GroupedPrompt<P::Prompt>],
+        g: usize,
+        rng: &mut StdRng,
+    ) -> Result<(Vec<P::Completion>, Vec<f32>, f64)> {
+        let prompts: Vec<P::Prompt> = batch.iter().map(|b| b.prompt.clone()).collect();
+        let completions = self.policy.sample(&prompts, g, rng)?;
+        if completions.len() != batch.len() * g {
+            return Err(Error::LengthMismatch {
+                what: "sampled completions",
+                got: completions.len(),
+                against: "prompts × num_generations",
+                expected: batch.len() * g,
+            });
+        }
+        let t = Instant::now();
+        let mut rewards = Vec::with_capacity(completions.len());
+        for (row, c) in completions.iter().enumerate() {
+            let item = &batch[row / g];
+            rewards.push(self.reward.score(&item.prompt, c, &item.group)?);
+        }
+        Ok((completions, rewards, t.elapsed().as_secs_f64()))
+    }
+}
+
+/// The rows `rows` of `v`, in place (all of them, untouched, for one process).
+fn keep_rows<T>(mut v: Vec<T>, rows: &Range<usize>) -> Vec<T> {
+    v.truncate(rows.end);
+    v.drain(..rows.start);
+    v
+}
+
+/// Rows of prompts (blocks of `g` rows) whose rewards are all equal.
+fn zero_spread_rows(rewards: &[f32], g: usize) -> Vec<bool> {
+    rewards
+        .chunks(g)
+        .flat_map(|c| {
+            let z = c.iter().all(|r| r == &c[0]);
+            std::iter::repeat_n(z, c.len())
+        })
+        .collect()
+}
+
+fn mean_std(v: &[f32]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_rows_cuts_a_shard_and_keeps_all_for_one_process() {
+        assert_eq!(keep_rows(vec![0, 1, 2, 3, 4, 5], &(2..4)), [2, 3]);
+        let all = vec![7, 8, 9];
+        let ptr = all.as_ptr();
+        let kept = keep_rows(all, &(0..3));
+        assert_eq!((kept.as_slice(), kept.as_ptr()), (&[7, 8, 9][..], ptr));
+    }
+}
