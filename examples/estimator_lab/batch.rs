@@ -61,7 +61,7 @@ impl<'a> BatchView<'a> {
             .map(|p| {
                 let rows = p * g..(p + 1) * g;
                 let r = &rewards[rows.clone()];
-                let sum: f64 = r.iter().map(|&x| x as f64).sum();
+                let sum: f64 = r.iter().fold(0.0, |a, &x| a + x as f64);
                 let mean = sum / g as f64;
                 let m2: f64 = r
                     .iter()
@@ -97,11 +97,6 @@ impl<'a> BatchView<'a> {
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.rewards.len()
-    }
-
-    /// Prompts carrying label `label`.
-    pub fn prompts_of(&self, label: usize) -> impl Iterator<Item = &PromptView> + '_ {
-        self.prompts.iter().filter(move |p| p.label == label)
     }
 }
 

@@ -20,10 +20,13 @@ use crate::{run_jobs, Job};
 
 type Err = Box<dyn std::error::Error>;
 
+/// Reads one diagnosed quantity from a step.
+type Getter = fn(&GroupStep) -> f64;
+
 /// One diagnosed quantity: a name and how to read it from a step.
 struct Metric {
     name: &'static str,
-    get: fn(&GroupStep) -> f64,
+    get: Getter,
 }
 
 const METRICS: [Metric; 9] = [
@@ -97,10 +100,15 @@ pub fn diagnose(
     }
     let outs = run_jobs(std::slice::from_ref(setting), sched, &jobs, threads)?;
     let s = sched.steps;
-    let windows: Vec<(usize, usize)> = [(0, s / 6), (s / 6, s / 3), (s / 3, 2 * s / 3), (2 * s / 3, s)]
-        .into_iter()
-        .filter(|(a, b)| b > a)
-        .collect();
+    let windows: Vec<(usize, usize)> = [
+        (0, s / 6),
+        (s / 6, s / 3),
+        (s / 3, 2 * s / 3),
+        (2 * s / 3, s),
+    ]
+    .into_iter()
+    .filter(|(a, b)| b > a)
+    .collect();
     let k = setting.frequencies.len();
     println!(
         "# Diagnosis on `{}`: {} seeds; per window of steps, the mean over seeds of each run's window mean",
@@ -111,7 +119,10 @@ pub fn diagnose(
         "# μ_batch: the group's batch mean reward; μ_p, σ_p: its cumulative history before the batch; μ*, σ*: oracle mean/std of its reward under the sampling policy;"
     );
     println!(
-        "# P(A>0|bad): share of positive advantages among rows whose action is not the group's preferred one; spread: mean within-prompt std of A; |offset|: mean |prompt-mean A|; zero-spr: share of zero-spread prompts; push: 100 × Σ A(1[a=k]−π_k)/rows"
+        "# P(A>0|bad): share of positive advantages among rows whose action is not the group's preferred one; spread: mean within-prompt std of A; |offset|: mean |prompt-mean A|; zero-spr: share of zero-spread prompts;"
+    );
+    println!(
+        "# push: 100 × Σ A(1[a=k]−π_k)/rows, the advantage-weighted push on the preferred action's logit; push0: the same on action 0 (the majority's, a compromise for the others); P(p0>0): share of steps where push0 > 0"
     );
     for &g in gs {
         for rule in rules {
@@ -126,7 +137,7 @@ pub fn diagnose(
             for m in &METRICS {
                 header += &format!(" {:>12}", m.name);
             }
-            header += &format!(" {:>8}", "push");
+            header += &format!(" {:>8} {:>8} {:>8}", "push", "push0", "P(p0>0)");
             println!("{header}");
             for grp in 0..k {
                 for &(a, b) in &windows {
@@ -140,7 +151,18 @@ pub fn diagnose(
                         let v = window_mean(&runs, grp, a, b, m.get);
                         line += &format!(" {v:>12.3}");
                     }
-                    line += &format!(" {:>8.3}", 100.0 * window_mean(&runs, grp, a, b, |s| s.push));
+                    line += &format!(
+                        " {:>8.3} {:>8.3} {:>8.3}",
+                        100.0 * window_mean(&runs, grp, a, b, |s| s.push),
+                        100.0 * window_mean(&runs, grp, a, b, |s| s.push0),
+                        window_mean(&runs, grp, a, b, |s| {
+                            if s.push0.is_finite() {
+                                (s.push0 > 0.0) as u8 as f64
+                            } else {
+                                f64::NAN
+                            }
+                        })
+                    );
                     println!("{line}");
                 }
             }
@@ -149,7 +171,10 @@ pub fn diagnose(
             let a = shared.first().map_or(0, |v| v.len());
             let mean_of = |i: usize| nanmean(shared.iter().map(|v| v[i] as f64));
             let line: Vec<String> = (0..a).map(|i| format!("{:+.2}", mean_of(i))).collect();
-            println!("shared logits at step {s} (mean over seeds): [{}]", line.join(", "));
+            println!(
+                "shared logits at step {s} (mean over seeds): [{}]",
+                line.join(", ")
+            );
         }
     }
     if gs.contains(&plot_g) {
@@ -165,7 +190,7 @@ pub fn diagnose(
 }
 
 /// Mean over runs of each run's mean of `get` over diag steps `a..b` (non-finite skipped).
-fn window_mean(runs: &[&RunOut], grp: usize, a: usize, b: usize, get: fn(&GroupStep) -> f64) -> f64 {
+fn window_mean(runs: &[&RunOut], grp: usize, a: usize, b: usize, get: Getter) -> f64 {
     nanmean(
         runs.iter()
             .map(|o| nanmean(o.diag[a..b].iter().map(|row| get(&row[grp])))),
@@ -183,10 +208,16 @@ fn figure(
     steps: usize,
 ) -> Figure {
     const BIN: usize = 10;
-    let rows: [(&str, Option<fn(&GroupStep) -> f64>); 6] = [
+    let rows: [(&str, Option<Getter>); 6] = [
         ("fraction of optimum", None),
-        ("(μ*−μ_p)/σ_p (lag of the history mean)", Some(|s| (s.oracle_mean - s.hist_mean) / s.hist_std)),
-        ("σ_p/σ* (history std vs current)", Some(|s| s.hist_std / s.oracle_std)),
+        (
+            "(μ*−μ_p)/σ_p (lag of the history mean)",
+            Some(|s| (s.oracle_mean - s.hist_mean) / s.hist_std),
+        ),
+        (
+            "σ_p/σ* (history std vs current)",
+            Some(|s| s.hist_std / s.oracle_std),
+        ),
         ("P(A>0)", Some(|s| s.frac_pos)),
         ("P(A>0 | non-preferred action)", Some(|s| s.frac_pos_bad)),
         ("within-prompt std of A", Some(|s| s.spread)),

@@ -54,7 +54,11 @@ impl Level {
             "group" => Level::Group,
             "batch" => Level::Batch,
             "within" => Level::Within,
-            _ => return Err(format!("unknown level {s:?} (prompt, group, batch, within)")),
+            _ => {
+                return Err(format!(
+                    "unknown level {s:?} (prompt, group, batch, within)"
+                ))
+            }
         })
     }
     fn name(&self) -> &'static str {
@@ -98,6 +102,10 @@ pub enum Rule {
     Kalman { q: f64 },
     /// Own: GRPO, plus P-GRPO's offset only on prompts where GRPO has no signal.
     FillIn,
+    /// (c') Offset weight annealed with training progress: `λ = max(0, 1 − t/T)`.
+    AnnealStep { t: f64 },
+    /// Own: GRPO plus only the negative part of the offset (an optimistic baseline).
+    Asym,
 }
 
 impl fmt::Display for Rule {
@@ -118,7 +126,11 @@ impl fmt::Display for Rule {
             ),
             Rule::Oracle { mean, std } => write!(f, "oracle:mean={mean},std={std}"),
             Rule::Only { majority } => {
-                write!(f, "only:{}", if *majority { "majority" } else { "minorities" })
+                write!(
+                    f,
+                    "only:{}",
+                    if *majority { "majority" } else { "minorities" }
+                )
             }
             Rule::Blend { half_life } => write!(f, "blend:hl={half_life}"),
             Rule::JamesStein { prompt_scale } => write!(f, "js:scale={}", yn(*prompt_scale)),
@@ -128,6 +140,8 @@ impl fmt::Display for Rule {
             Rule::Levels { mean, std } => write!(f, "levels:{}/{}", mean.name(), std.name()),
             Rule::Kalman { q } => write!(f, "kalman:q={q}"),
             Rule::FillIn => write!(f, "fillin"),
+            Rule::AnnealStep { t } => write!(f, "astep:t={t}"),
+            Rule::Asym => write!(f, "asym"),
         }
     }
 }
@@ -153,7 +167,8 @@ impl Rule {
         };
         let flag = |k: &str, default: bool| -> Result<bool, String> {
             kv.get(k).map_or(Ok(default), |v| {
-                v.parse().map_err(|_| format!("{s}: {k} must be true or false"))
+                v.parse()
+                    .map_err(|_| format!("{s}: {k} must be true or false"))
             })
         };
         let scale = |default: bool| -> Result<bool, String> {
@@ -209,10 +224,12 @@ impl Rule {
                     std: Level::parse(d)?,
                 }
             }
-            "kalman" => Rule::Kalman {
-                q: num("q", 0.01)?,
-            },
+            "kalman" => Rule::Kalman { q: num("q", 0.01)? },
             "fillin" => Rule::FillIn,
+            "astep" => Rule::AnnealStep {
+                t: num("t", 100.0)?,
+            },
+            "asym" => Rule::Asym,
             _ => return Err(format!("unknown rule {s:?}; see --help")),
         })
     }
@@ -244,7 +261,10 @@ kalman:q=Q                (R−θ_p)/σ_p, θ_p a Kalman-filtered group mean: ra
                               variance Q·σ_p² per step, observation = batch mean of the group
                               with variance s_p²/n_rows
 fillin                    (own) Â on prompts with spread; (μ_q−μ_p)/σ_p on a zero-spread
-                              prompt (where Â = 0)"
+                              prompt (where Â = 0)
+astep:t=T                 (c') Â + λ(μ_q−μ_p)/σ_p, λ = max(0, 1 − step/T)
+asym                      (own) Â + min(0, (μ_q−μ_p)/σ_p): only prompts that did worse than
+                              their group's history get an offset (a baseline never below μ_q)"
     }
 }
 
@@ -304,10 +324,10 @@ pub struct LabEstimator {
     rule: Rule,
     history: RewardHistory,
     extra: BTreeMap<GroupKey, Extra>,
-    /// Prompts whose advantage used the group history (for the diagnosis).
-    pub warm_prompts: u64,
     /// Rows with `|A| > 50` (the zero-std blow-up).
     pub blowups: u64,
+    /// Batches folded in so far (the training step).
+    step: u64,
 }
 
 /// Half-life of the within-prompt variance EMA (`Level::Within`, blend, JS), in prompts.
@@ -324,8 +344,8 @@ impl LabEstimator {
             rule,
             history: RewardHistory::new(HistoryKind::Cumulative).expect("cumulative"),
             extra: BTreeMap::new(),
-            warm_prompts: 0,
             blowups: 0,
+            step: 0,
         }
     }
 
@@ -371,15 +391,11 @@ impl LabEstimator {
         } else {
             None
         };
-        let mut norms = Vec::with_capacity(batch.prompts.len());
-        for p in &batch.prompts {
-            let key = &batch.keys[p.label];
-            let norm = self.norm(p, key, batch, g, js_c, &batch_stats);
-            if !matches!(norm, Norm::Grpo) {
-                self.warm_prompts += 1;
-            }
-            norms.push(norm);
-        }
+        let norms: Vec<Norm> = batch
+            .prompts
+            .iter()
+            .map(|p| self.norm(p, &batch.keys[p.label], batch, g, js_c, &batch_stats))
+            .collect();
         let mut out = vec![0f32; batch.len()];
         for (p, norm) in batch.prompts.iter().zip(norms) {
             for i in p.rows.clone() {
@@ -505,12 +521,10 @@ impl LabEstimator {
                 let s = (w * p.var.unwrap_or(0.0) + (1.0 - w) * h.std * h.std).sqrt();
                 centre(base, s)
             }
-            Rule::JamesStein { prompt_scale } => {
-                match (self.hist(key, true), self.within(key)) {
-                    (Some(h), Some(_)) => offset_rule(h, js_c.unwrap_or(1.0), *prompt_scale),
-                    _ => Norm::Grpo,
-                }
-            }
+            Rule::JamesStein { prompt_scale } => match (self.hist(key, true), self.within(key)) {
+                (Some(h), Some(_)) => offset_rule(h, js_c.unwrap_or(1.0), *prompt_scale),
+                _ => Norm::Grpo,
+            },
             Rule::AnnealCount { n0, prompt_scale } => match self.hist(key, true) {
                 Some(h) => offset_rule(h, n0 / (n0 + h.n as f64), *prompt_scale),
                 None => Norm::Grpo,
@@ -547,11 +561,25 @@ impl LabEstimator {
                 }
             }
             Rule::Kalman { .. } => match (self.hist(key, true), self.extra.get(key)) {
-                (Some(h), Some(Extra {
-                    kalman: Some((theta, _)),
-                    ..
-                })) => centre(*theta, h.std),
+                (
+                    Some(h),
+                    Some(Extra {
+                        kalman: Some((theta, _)),
+                        ..
+                    }),
+                ) => centre(*theta, h.std),
                 _ => Norm::Grpo,
+            },
+            Rule::AnnealStep { t } => match self.hist(key, true) {
+                Some(h) => offset_rule(h, (1.0 - self.step as f64 / t).max(0.0), true),
+                None => Norm::Grpo,
+            },
+            Rule::Asym => match self.hist(key, true) {
+                Some(h) => Norm::Split {
+                    den_c: den(p.std()),
+                    offset: ((p.mean - h.mean) / den(h.std)).min(0.0),
+                },
+                None => Norm::Grpo,
             },
             Rule::FillIn => match self.hist(key, true) {
                 Some(h) if p.zero_spread => Norm::Split {
@@ -614,5 +642,6 @@ impl LabEstimator {
         self.history
             .update_rows(batch.keys, group_ids, batch.rewards)
             .expect("finite rewards, valid ids");
+        self.step += 1;
     }
 }

@@ -95,7 +95,7 @@ enum Cmd {
         #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
         g: Vec<usize>,
         /// Rules to diagnose.
-        #[arg(long, default_value = "grpo,p_grpo", value_delimiter = ';')]
+        #[arg(long, default_value = "grpo;p_grpo", value_delimiter = ';')]
         rules: Vec<String>,
         /// Setting.
         #[arg(long, default_value = "default")]
@@ -111,7 +111,11 @@ enum Cmd {
     /// the 15% group at an early step and at the end, steps to 90%.
     Study {
         /// Settings.
-        #[arg(long, default_value = "default,sparse,noisy,small", value_delimiter = ',')]
+        #[arg(
+            long,
+            default_value = "default,sparse,noisy,small",
+            value_delimiter = ','
+        )]
         settings: Vec<String>,
         /// G values.
         #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
@@ -154,7 +158,11 @@ fn setting(name: &str) -> Result<Setting, String> {
             scales: vec![1.0, 0.5, 0.2, 0.05],
             ..base
         },
-        _ => return Err(format!("unknown setting {name:?}: default, sparse, noisy, small")),
+        _ => {
+            return Err(format!(
+                "unknown setting {name:?}: default, sparse, noisy, small"
+            ))
+        }
     })
 }
 
@@ -193,7 +201,7 @@ fn run_jobs(
                         results.lock().expect("results")[i] = Some(out);
                         let mut d = done.lock().expect("done");
                         *d += 1;
-                        if *d % 200 == 0 || *d == jobs.len() {
+                        if d.is_multiple_of(200) || *d == jobs.len() {
                             eprintln!(
                                 "  {}/{} runs, {:.0} s",
                                 *d,
@@ -237,7 +245,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match &cli.cmd {
         Cmd::Rules => println!("{}", Rule::catalogue()),
         Cmd::Verify { g, setting: s } => {
-            study::verify(&setting(s)?, &sched, g, &seeds, cli.threads)?;
+            study::verify(&setting(s)?, &sched, g, &seeds, cli.threads, &cli.out)?;
         }
         Cmd::Diagnose {
             g,

@@ -45,7 +45,12 @@ pub fn steps_to_90(runs: &[&Vec<Vec<f64>>], group: usize) -> String {
     } else if reached.is_empty() {
         format!("never(0/{})", runs.len())
     } else {
-        format!("{:.0}({}/{})", mean_ci(&reached).0, reached.len(), runs.len())
+        format!(
+            "{:.0}({}/{})",
+            mean_ci(&reached).0,
+            reached.len(),
+            runs.len()
+        )
     }
 }
 

@@ -113,13 +113,14 @@ pub struct GroupStep {
     pub spread: f64,
     /// Mean over prompts of `|mean advantage of the prompt|` (the offset's size).
     pub offset_abs: f64,
-    /// Mean over prompts of the prompt's mean advantage (signed).
-    pub offset: f64,
     /// Fraction of the group's prompts whose rewards are all equal.
     pub zero_spread: f64,
     /// `Σ_i A_i (1[a_i = k] − π_k)/rows`: the advantage-weighted push of the group's rows
     /// on its own preferred action's logit (> 0: toward the optimum).
     pub push: f64,
+    /// The same push on the logit of the majority's action 0 (for a minority: the
+    /// compromise; > 0: toward it).
+    pub push0: f64,
 }
 
 impl GroupStep {
@@ -133,9 +134,9 @@ impl GroupStep {
         frac_pos_bad: f64::NAN,
         spread: f64::NAN,
         offset_abs: f64::NAN,
-        offset: f64::NAN,
         zero_spread: f64::NAN,
         push: f64::NAN,
+        push0: f64::NAN,
     };
 }
 
@@ -152,8 +153,6 @@ pub struct RunOut {
     pub blowups: u64,
     /// The policy's shared logits at the end.
     pub shared_logits: Vec<f32>,
-    /// Wall seconds.
-    pub secs: f64,
 }
 
 /// `(μ*, σ*)` of each true group's reward under `policy`.
@@ -180,7 +179,6 @@ pub fn run(
     sched: &Schedule,
     spec: &RunSpec,
 ) -> Result<RunOut, Box<dyn std::error::Error + Send + Sync>> {
-    let t0 = std::time::Instant::now();
     let bandit = setting.bandit()?;
     let seed = spec.seed;
     let mut cfg = TrainerConfig {
@@ -261,7 +259,6 @@ pub fn run(
         mismatched_steps,
         blowups: est.blowups,
         shared_logits,
-        secs: t0.elapsed().as_secs_f64(),
     })
 }
 
@@ -287,15 +284,15 @@ fn diagnose_step(
             let key = GroupKey::Name(format!("g{grp}"));
             let h = est.hist(&key, false);
             let (mut rows, mut pos, mut bad, mut pos_bad) = (0usize, 0usize, 0usize, 0usize);
-            let (mut rsum, mut spread, mut off, mut off_abs, mut zero, mut push) =
+            let (mut rsum, mut spread, mut off_abs, mut zero, mut push, mut push0) =
                 (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
             let pk = probs[grp][grp] as f64;
+            let p0 = probs[grp][0] as f64;
             for p in &prompts {
                 let a: Vec<f64> = p.rows.clone().map(|i| adv[i] as f64).collect();
                 let m = a.iter().sum::<f64>() / a.len() as f64;
                 let v = a.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (a.len() as f64 - 1.0);
                 spread += v.sqrt();
-                off += m;
                 off_abs += m.abs();
                 zero += p.zero_spread as u8 as f64;
                 for i in p.rows.clone() {
@@ -309,6 +306,7 @@ fn diagnose_step(
                         pos_bad += (a > 0.0) as usize;
                     }
                     push += a * (good as u8 as f64 - pk);
+                    push0 += a * ((view.actions[i] == 0) as u8 as f64 - p0);
                 }
             }
             let np = prompts.len() as f64;
@@ -326,9 +324,9 @@ fn diagnose_step(
                 },
                 spread: spread / np,
                 offset_abs: off_abs / np,
-                offset: off / np,
                 zero_spread: zero / np,
                 push: push / rows as f64,
+                push0: push0 / rows as f64,
             }
         })
         .collect()

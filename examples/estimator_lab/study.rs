@@ -24,6 +24,7 @@ pub fn verify(
     gs: &[usize],
     seeds: &[u64],
     threads: usize,
+    out: &Path,
 ) -> Result<(), Err> {
     let arms = [
         (Rule::Grpo, Estimator::Grpo, "grpo"),
@@ -62,7 +63,7 @@ pub fn verify(
     let mut checkpoints = vec![s / 6, s / 3, 2 * s / 3, s];
     checkpoints.retain(|&x| x > 0);
     checkpoints.dedup();
-    let csv_path = std::path::PathBuf::from(format!("runs/estimator_lab/verify_{}.csv", setting.name));
+    let csv_path = out.join(format!("verify_{}.csv", setting.name));
     let mut csv = std::io::BufWriter::new(std::fs::File::create(&csv_path)?);
     writeln!(csv, "g,estimator,seed,step,group,fraction_of_optimum")?;
     for &g in gs {
@@ -248,15 +249,16 @@ pub fn study(
             let (Some(grpo), Some(pg)) = (get("grpo", false), get("p_grpo", false)) else {
                 continue;
             };
-            let diffs = |runs: &[(u64, &RunOut)], base: &[(u64, &RunOut)], step: usize, k: usize| {
-                runs.iter()
-                    .filter_map(|(s, o)| {
-                        base.iter()
-                            .find(|(b, _)| b == s)
-                            .map(|(_, b)| o.curves[step][k] - b.curves[step][k])
-                    })
-                    .collect::<Vec<f64>>()
-            };
+            let diffs =
+                |runs: &[(u64, &RunOut)], base: &[(u64, &RunOut)], step: usize, k: usize| {
+                    runs.iter()
+                        .filter_map(|(s, o)| {
+                            base.iter()
+                                .find(|(b, _)| b == s)
+                                .map(|(_, b)| o.curves[step][k] - b.curves[step][k])
+                        })
+                        .collect::<Vec<f64>>()
+                };
             let cell = format!("{} G={g}", st.name);
             let pg_early_gain = sig_pos(&diffs(pg, grpo, early, small));
             let _ = writeln!(
@@ -304,13 +306,22 @@ pub fn study(
                 );
                 if !sh {
                     if sig_neg(&d_end) {
-                        worse_end.entry(name.clone()).or_default().push(cell.clone());
+                        worse_end
+                            .entry(name.clone())
+                            .or_default()
+                            .push(cell.clone());
                     }
                     if pg_early_gain && !sig_pos(&d_early) {
-                        lost_early.entry(name.clone()).or_default().push(cell.clone());
+                        lost_early
+                            .entry(name.clone())
+                            .or_default()
+                            .push(cell.clone());
                     }
                     if sig_pos(&d_early) {
-                        gained_early.entry(name.clone()).or_default().push(cell.clone());
+                        gained_early
+                            .entry(name.clone())
+                            .or_default()
+                            .push(cell.clone());
                     }
                 }
             }
@@ -345,7 +356,11 @@ pub fn study(
             list(&w),
             list(&l),
             list(&gnd),
-            if w.is_empty() && l.is_empty() { "yes" } else { "no" }
+            if w.is_empty() && l.is_empty() {
+                "yes"
+            } else {
+                "no"
+            }
         );
     }
     let total_steps = jobs.len() * sched.steps;
