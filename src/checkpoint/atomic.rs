@@ -9,8 +9,8 @@
 //! the new one is in place. Whatever fails, `latest` names a complete checkpoint.
 //!
 //! Every file write, rename, directory sync and removal goes through one of the four
-//! functions below, which are the points where `super::fault` can make a save fail (in
-//! tests).
+//! functions below, which are the points where `super::fault` can make a save fail
+//! (in tests only: without the `fault-injection` feature they are plain `std::fs` calls).
 
 use std::fs;
 use std::io::{self, Write};
@@ -20,7 +20,22 @@ use super::{files, io_problem, problem};
 use crate::error::CheckpointProblem;
 use crate::Result;
 
+#[cfg(any(test, feature = "fault-injection"))]
 use super::fault::{crashed, point as fault_point};
+
+/// Without fault injection: never fails.
+#[cfg(not(any(test, feature = "fault-injection")))]
+#[inline(always)]
+fn fault_point() -> io::Result<()> {
+    Ok(())
+}
+
+/// Without fault injection: no save ever "crashes".
+#[cfg(not(any(test, feature = "fault-injection")))]
+#[inline(always)]
+fn crashed() -> bool {
+    false
+}
 
 /// Name of the checkpoint directory of `step` in a run directory.
 pub fn dir_name(step: u64) -> String {

@@ -1,9 +1,36 @@
-//! Simulated failures for tests of atomic saving (hidden from the docs).
+//! Simulated failures, to test that a save is atomic. **Testing only.**
+//!
+//! Compiled only with the `fault-injection` cargo feature (off by default) or in this crate's
+//! own unit tests; a normal build of the library has neither this module nor any counting on
+//! its save path. This repository's integration tests get the feature through a
+//! dev-dependency of the crate on itself (see `Cargo.toml`), which cargo applies to test,
+//! example and bench builds only.
 //!
 //! Every file write, rename, directory sync and removal during a save is an *operation*.
-//! `fail_at(n, crash)` makes operation number `n` (0-based) of this thread's next saves fail: a file
-//! write writes half its bytes and then reports a full disk. With `crash = true` the save
-//! also skips its clean-up, as a process killed at that point would.
+//! [`fail_at(n, crash)`](fail_at) makes operation number `n` (0-based) of this thread's next
+//! saves fail: a file write writes half its bytes and then reports a full disk
+//! (`ErrorKind::StorageFull`). With `crash = true` the save also skips its clean-up, as a
+//! process killed at that point would.
+//!
+//! ```
+//! use candle_core::Device;
+//! use pgrpo::checkpoint::fault;
+//! use pgrpo::{models::TabularPolicy, CheckpointProblem, Error, Trainer, TrainerConfig};
+//!
+//! let policy = TabularPolicy::new(1, 2, false, &Device::Cpu)?;
+//! let reward = |_: &u32, a: &u32, _: &pgrpo::GroupKey| *a as f32;
+//! let cfg = TrainerConfig { num_generations: 2, ..Default::default() };
+//! let trainer = Trainer::new(policy, reward, cfg)?;
+//! let run = tempfile::tempdir()?;
+//!
+//! fault::fail_at(3, false); // the fourth operation of the save fails
+//! let err = trainer.save(run.path()).unwrap_err();
+//! assert!(fault::fired());
+//! assert!(matches!(err, Error::Checkpoint { problem: CheckpointProblem::Io(_), .. }));
+//! fault::clear();
+//! trainer.save(run.path())?; // and the next save succeeds
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::cell::Cell;
 use std::io;

@@ -48,13 +48,22 @@
 //! | `checkpoint/manifest.rs` | `manifest.json` and `optimizer.json`: format versions, lengths, SHA-256, parsing and checks |
 //! | `checkpoint/tensors.rs` | tensors to and from `.safetensors` bytes, through candle's safetensors support |
 //! | `checkpoint/atomic.rs` | the run directory: temporary directory, `fsync`, rename, `latest`, rotation, leftovers |
-//! | `checkpoint/fault.rs` | simulated I/O failures for tests |
+//! | `checkpoint/fault.rs` | simulated I/O failures for tests (`fault-injection` feature only) |
 //!
 //! Tensors are written with `safetensors::serialize` over candle's `Tensor` (which implements
 //! `safetensors::View`) and read with [`candle_core::safetensors::Load`]; the checkpoint adds
 //! its own checks: tensor names, the nine dtypes format version 1 stores (f32, f64, f16,
 //! bf16, u8, u32, i16, i32, i64; others are refused when saving and
 //! [`CheckpointProblem::Malformed`] when loading), and shapes against the policy.
+//!
+//! # Testing failures
+//!
+//! The `fault` module (simulated full disks and failed renames, to test that saves are
+//! atomic) exists only with the `fault-injection` cargo feature, which is for testing and
+//! off by default: a normal build's save path has no hook. This crate's own tests turn it on
+//! through a dev-dependency on itself (`pgrpo = { path = ".", features = ["fault-injection"] }`),
+//! which cargo applies only when it builds tests, examples or benches; see
+//! docs/checkpoints.md.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -68,7 +77,7 @@ use crate::optim::OptimizerSnapshot;
 use crate::{Error, Result, RewardHistory, TrainerConfig};
 
 mod atomic;
-#[doc(hidden)]
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 mod manifest;
 mod tensors;
