@@ -53,8 +53,8 @@
 //! Tensors are written with `safetensors::serialize` over candle's `Tensor` (which implements
 //! `safetensors::View`) and read with [`candle_core::safetensors::Load`]; the checkpoint adds
 //! its own checks: tensor names, the nine dtypes format version 1 stores (f32, f64, f16,
-//! bf16, u8, u32, i16, i32, i64; others are refused when saving and
-//! [`CheckpointProblem::Malformed`] when loading), and shapes against the policy.
+//! bf16, u8, u32, i16, i32, i64; others are [`CheckpointProblem::UnsupportedDType`] when
+//! saving and [`CheckpointProblem::Malformed`] when loading), and shapes against the policy.
 //!
 //! # Testing failures
 //!
@@ -190,7 +190,8 @@ fn to_json(value: &impl serde::Serialize) -> Result<Vec<u8>> {
 // Writing
 
 /// Writes one checkpoint of `parts` into the run directory `root` (see the module docs) and
-/// returns the checkpoint's directory. Everything is serialized before the disk is touched.
+/// returns the checkpoint's directory. Everything is serialized before the disk is touched;
+/// errors name the file as it would be in the finished checkpoint.
 pub(crate) fn write(root: &Path, parts: Parts<'_>, opts: &CheckpointOptions) -> Result<PathBuf> {
     if opts.keep_last == Some(0) {
         return Err(Error::InvalidConfig {
@@ -199,23 +200,27 @@ pub(crate) fn write(root: &Path, parts: Parts<'_>, opts: &CheckpointOptions) -> 
         });
     }
     let name = dir_name(parts.step);
+    let file = |f: &str| root.join(&name).join(f);
     let mut contents: Vec<(&'static str, Vec<u8>)> = vec![
         (files::CONFIG, to_json(parts.config)?),
         (files::HISTORY, parts.history.to_json()?.into_bytes()),
         (
             files::MODEL,
-            tensors::encode_vars(parts.vars.iter().map(Var::as_tensor))?,
+            tensors::encode_vars(parts.vars.iter().map(Var::as_tensor), &file(files::MODEL))?,
         ),
     ];
     if let Some(reference) = &parts.reference {
-        let bytes = tensors::encode_vars(reference.iter().map(Var::as_tensor))?;
+        let bytes = tensors::encode_vars(
+            reference.iter().map(Var::as_tensor),
+            &file(files::REFERENCE),
+        )?;
         contents.push((files::REFERENCE, bytes));
     }
     if let Some(snap) = &parts.optimizer {
         let meta = OptimizerMeta::of(snap)?;
         contents.push((files::OPTIMIZER_META, meta.to_bytes()?));
         let named = snap.tensors.iter().map(|(n, t)| (n.clone(), t));
-        let bytes = tensors::encode(named)?;
+        let bytes = tensors::encode(named, &file(files::OPTIMIZER_TENSORS))?;
         contents.push((files::OPTIMIZER_TENSORS, bytes));
     }
     if let Some(state) = &parts.reward_state {
@@ -589,4 +594,47 @@ fn check_vars(ts: &[Tensor], vars: &[Var], path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HistoryKind;
+    use candle_core::DType;
+
+    /// A tensor of a dtype the format does not store: a typed error naming the file the
+    /// tensor was meant for and the tensor, and nothing on disk.
+    #[test]
+    fn saving_an_unstored_dtype_names_the_file_and_the_tensor() {
+        let dev = Device::Cpu;
+        let ok = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+        let f8 = Tensor::ones(2, DType::F32, &dev)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let bad = Var::from_tensor(&f8).unwrap();
+        let root =
+            std::env::temp_dir().join(format!("pgrpo-unstored-dtype-{}", std::process::id()));
+        let config = TrainerConfig::default();
+        let history = RewardHistory::new(HistoryKind::Cumulative).unwrap();
+        let parts = Parts {
+            step: 7,
+            config: &config,
+            history: &history,
+            vars: &[ok, bad],
+            reference: None,
+            optimizer: None,
+            reward_state: None,
+        };
+        let err = write(&root, parts, &CheckpointOptions::default()).unwrap_err();
+        let Error::Checkpoint { path, problem } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(path, &root.join("checkpoint-000000007").join(files::MODEL));
+        assert!(
+            matches!(problem, CheckpointProblem::UnsupportedDType { tensor, dtype: DType::F8E4M3 } if tensor == "var.00001"),
+            "{problem}"
+        );
+        assert!(!root.exists(), "something was written");
+    }
 }

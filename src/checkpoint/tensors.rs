@@ -8,8 +8,7 @@
 //!   refuse them, so that every build that reads version 1 reads every version-1 file;
 //! - a file holds exactly the tensors expected, by name (`var.00000`, `var.00001`, … for
 //!   weights; the names `optimizer.json` lists for the optimizer state);
-//! - every failure to read is an [`Error::Checkpoint`](crate::Error::Checkpoint) naming the
-//!   file.
+//! - every failure is an [`Error::Checkpoint`](crate::Error::Checkpoint) naming the file.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -20,7 +19,7 @@ use safetensors::tensor::SafeTensors;
 
 use super::problem;
 use crate::error::CheckpointProblem;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The dtypes a checkpoint stores.
 pub(super) const STORED: [DType; 9] = [
@@ -40,32 +39,42 @@ pub(super) fn var_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("var.{i:05}")).collect()
 }
 
-/// Encodes `named` tensors as a safetensors file.
+/// Encodes `named` tensors as a safetensors file meant for `path` (named in errors).
 ///
 /// Tensors on another device are copied to the host first: candle's `View::data` makes that
 /// copy itself but cannot report a failure, so it is done here, where it can.
 ///
 /// # Errors
-/// [`Error::UnsupportedModel`] for a dtype outside [`STORED`] or if the encoder fails,
-/// [`Error::Candle`] if a device copy does.
-pub(super) fn encode<'a>(named: impl IntoIterator<Item = (String, &'a Tensor)>) -> Result<Vec<u8>> {
+/// [`CheckpointProblem::UnsupportedDType`] for a dtype outside [`STORED`],
+/// [`CheckpointProblem::Safetensors`] if the encoder fails, [`Error::Candle`](crate::Error::Candle)
+/// if a device copy does.
+pub(super) fn encode<'a>(
+    named: impl IntoIterator<Item = (String, &'a Tensor)>,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let mut host = Vec::new();
     for (name, t) in named {
         if !STORED.contains(&t.dtype()) {
-            return Err(Error::UnsupportedModel(format!(
-                "checkpoints store f32/f64/f16/bf16/u8/u32/i16/i32/i64 tensors, not {:?}",
-                t.dtype()
-            )));
+            return Err(problem(
+                path,
+                CheckpointProblem::UnsupportedDType {
+                    tensor: name,
+                    dtype: t.dtype(),
+                },
+            ));
         }
         host.push((name, t.to_device(&Device::Cpu)?));
     }
     safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), None)
-        .map_err(|e| Error::UnsupportedModel(format!("safetensors: {e}")))
+        .map_err(|e| problem(path, CheckpointProblem::Safetensors(e)))
 }
 
 /// Encodes vars as a weights file: the `i`-th tensor is named `var.{i:05}`.
-pub(super) fn encode_vars<'a>(vars: impl ExactSizeIterator<Item = &'a Tensor>) -> Result<Vec<u8>> {
-    encode(var_names(vars.len()).into_iter().zip(vars))
+pub(super) fn encode_vars<'a>(
+    vars: impl ExactSizeIterator<Item = &'a Tensor>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    encode(var_names(vars.len()).into_iter().zip(vars), path)
 }
 
 /// Decodes a weights file: its tensors must be named `var.00000 .. var.{n-1}`; they come
@@ -143,6 +152,7 @@ fn load_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use safetensors::tensor::{Dtype, TensorView};
 
     fn problem_of(r: Result<impl std::fmt::Debug>) -> CheckpointProblem {
@@ -160,7 +170,7 @@ mod tests {
             .iter()
             .map(|d| base.abs().unwrap().to_dtype(*d).unwrap())
             .collect();
-        let bytes = encode_vars(ts.iter()).unwrap();
+        let bytes = encode_vars(ts.iter(), Path::new("m")).unwrap();
         let back = decode_vars(&bytes, Path::new("m"), &dev).unwrap();
         for (a, b) in ts.iter().zip(&back) {
             assert_eq!(a.dtype(), b.dtype());
@@ -168,6 +178,19 @@ mod tests {
             let bits = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
             assert_eq!(bits(a), bits(b), "{:?}", a.dtype());
         }
+    }
+
+    #[test]
+    fn an_unstored_dtype_is_refused_when_writing() {
+        let t = Tensor::new(&[1.0f32, 2.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let p = problem_of(encode([("var.00000".to_owned(), &t)], Path::new("m")));
+        assert!(
+            matches!(&p, CheckpointProblem::UnsupportedDType { tensor, dtype: DType::F8E4M3 } if tensor == "var.00000"),
+            "{p}"
+        );
     }
 
     #[test]
