@@ -360,6 +360,29 @@ pub enum CheckpointProblem {
     /// ```
     #[error("i/o error: {0}")]
     Io(#[source] std::io::Error),
+    /// Saving: a tensor has a dtype checkpoints do not store (they store f32, f64, f16, bf16,
+    /// u8, u32, i16, i32 and i64). Nothing was written. (Loading reports such a tensor in a
+    /// file as [`Malformed`](Self::Malformed).)
+    ///
+    /// ```text
+    /// tensor `var.00002` is F8E4M3; checkpoints store f32, f64, f16, bf16, u8, u32, i16, i32 and i64 tensors
+    /// ```
+    #[error("tensor `{tensor}` is {dtype:?}; checkpoints store f32, f64, f16, bf16, u8, u32, i16, i32 and i64 tensors")]
+    UnsupportedDType {
+        /// The tensor's name in the file (`var.NNNNN`, or the optimizer's name for it).
+        tensor: String,
+        /// Its dtype.
+        dtype: candle_core::DType,
+    },
+    /// Saving: the safetensors encoder rejected the tensors (e.g. a header over its size
+    /// limit). Nothing was written. (Loading reports a file the safetensors parser rejects
+    /// as [`Malformed`](Self::Malformed).)
+    ///
+    /// ```text
+    /// safetensors: header too large
+    /// ```
+    #[error("safetensors: {0}")]
+    Safetensors(#[source] safetensors::SafeTensorError),
 }
 
 /// `Result<T, pgrpo::Error>`.

@@ -74,9 +74,12 @@
 //!   libclang to build; CI builds and runs it with OpenMPI).
 //! - `nccl`: `distributed::Nccl`, gradients between CUDA GPUs over NCCL, MPI for the rest
 //!   (implies `mpi` and `cuda`; not built by CI).
+//! - `fault-injection`: **testing only**. Compiles `checkpoint::fault`, which
+//!   makes the file operations of a save fail on demand. This crate's tests turn it on
+//!   through a dev-dependency on the crate itself; applications never need it.
 //!
-//! Neither is on by default and neither is compiled by this repository's CI, which runs on a
-//! Linux machine without a CUDA toolkit.
+//! None is on by default. `cuda`, `metal` and `nccl` are not compiled by this repository's
+//! CI, which runs on a Linux machine without a CUDA toolkit.
 //!
 //! # Minimum supported Rust version
 //!
