@@ -793,7 +793,7 @@ fn bench_advantage(root: &Path) {
         let mut hist = (vec![], vec![], vec![]);
         for k in 0..groups {
             let w: Vec<f64> = warm_rewards(k).iter().map(|&x| x as f64).collect();
-            let m = pgrpo::RunningMoments::from_slice(&w);
+            let m = pgrpo::history::RunningMoments::from_slice(&w);
             hist.0.push(m.count as f64);
             hist.1.push(m.mean);
             hist.2.push(m.m2);

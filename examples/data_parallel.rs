@@ -28,11 +28,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use clap::Parser;
-use pgrpo::bandit::{BanditReward, PreferenceBandit};
 use pgrpo::distributed::{Collective, Mpi};
 use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
 use pgrpo::models::MlpPolicy;
 use pgrpo::sink::{JsonlSink, MetricsSink};
+use pgrpo::tasks::bandit::{BanditReward, PreferenceBandit};
 use pgrpo::{
     Estimator, GroupKey, GroupedPrompt, Policy, RewardFn, StepMetrics, Trainer, TrainerConfig,
 };

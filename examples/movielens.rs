@@ -12,9 +12,9 @@
 //! the licence does not allow redistributing it). Without it, it writes a synthetic sample in
 //! exactly that format to `--sample-dir` (default `runs/movielens/sample`) and reads it back
 //! through the same loader; in the sample each age bracket likes four genres
-//! (`pgrpo::movielens::synthetic`), so the groups differ in what they like.
+//! (`pgrpo::tasks::movielens::synthetic`), so the groups differ in what they like.
 //!
-//! **The task** (`pgrpo::movielens::NextGenreTask`). Each liked rating (≥ 4 stars) after a
+//! **The task** (`pgrpo::tasks::movielens::NextGenreTask`). Each liked rating (≥ 4 stars) after a
 //! user's first is a prompt: the user's demographics and the genre profile of their last 10
 //! ratings. The policy picks one genre; the reward is 1 if the movie has that genre, else 0.
 //! The last 20% of each user's prompts (in time) are held out. The prompt's preference group
@@ -47,8 +47,10 @@ use common::plot::{band_over_runs, Figure, Panel};
 use common::{mean_ci, InOrder};
 use indicatif::ProgressBar;
 use pgrpo::models::{MlpPolicy, TabularPolicy};
-use pgrpo::movielens::{synthetic, GenreExample, Grouping, MovieLens, NextGenreTask, TaskConfig};
 use pgrpo::sink::{standard_columns, CsvSink, JsonlSink, MetricsSink};
+use pgrpo::tasks::movielens::{
+    synthetic, GenreExample, Grouping, MovieLens, NextGenreTask, TaskConfig,
+};
 use pgrpo::{Estimator, GroupedPrompt, Policy, StepMetrics, TokenLogProbs, Trainer, TrainerConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

@@ -52,8 +52,8 @@ pub struct TrainerConfig {
     pub lr_scheduler: LrScheduler,
     /// Step budget for decaying schedules; required by `linear` and `cosine`. Default `None`.
     pub max_steps: Option<u64>,
-    /// Seed of the run: step `s` samples with [`step_rng(seed, s)`](crate::step_rng) (rank
-    /// `r` of a data-parallel run with [`rank_step_rng(seed, s, r)`](crate::rank_step_rng)).
+    /// Seed of the run: step `s` samples with [`step_rng(seed, s)`](crate::rng::step_rng) (rank
+    /// `r` of a data-parallel run with [`rank_step_rng(seed, s, r)`](crate::rng::rank_step_rng)).
     /// Default 42 (TRL).
     pub seed: u64,
     /// Zero-spread prompts (all completions scored the same) are masked out of the loss and

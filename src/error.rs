@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A reward (or another per-row input) was NaN or infinite under the default
-    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error).
+    /// [`NonFinitePolicy::Error`](crate::advantage::NonFinitePolicy::Error).
     ///
     /// ```text
     /// reward at row 3 is not finite (NaN); use NonFinitePolicy::Missing to skip such rows

@@ -43,19 +43,28 @@
 //!
 //! # Where things are
 //!
-//! | module | what |
-//! |---|---|
-//! | [`advantage`] | the estimators: rewards (+ history) → advantages, pure functions |
-//! | [`history`] | per-group reward statistics kept across steps ([`RewardHistory`]) |
-//! | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs |
-//! | [`policy`] | the [`Policy`] trait a model implements |
-//! | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
-//! | [`rng`] | the sampling generator of each step (and rank), from the seed alone |
-//! | [`distributed`] | data-parallel training over MPI (and NCCL): [`Collective`](distributed::Collective) |
-//! | [`metrics`], [`sink`] | [`StepMetrics`] and where they go (JSON Lines, CSV) |
-//! | [`models`], [`lm`] | bandit policies (tabular, MLP) and a trainable Llama-family LM |
-//! | [`bandit`], [`movielens`] | the preference bandit and the MovieLens-1M next-genre task of the examples |
-//! | [`trl`] | TRL `GRPOConfig` fields and their pgrpo equivalents, for people coming from Python |
+//! The folders show the architecture; arrows point down (nothing in the core imports the
+//! trainer, the language model, the tasks or a transport).
+//!
+//! | layer | module | what |
+//! |---|---|---|
+//! | core | [`advantage`] | rewards (+ history) → advantages: one small function per estimator, pure |
+//! | core | [`history`] | per-group reward statistics kept across steps ([`RewardHistory`]): the state P-GRPO adds |
+//! | core | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs, written as in the papers |
+//! | core | [`policy`], [`reward`] | the [`Policy`] trait a model implements; [`RewardFn`] |
+//! | training | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
+//! | training | [`config`], [`optim`], [`rng`] | [`TrainerConfig`]; AdamW and schedules; each step's sampling generator |
+//! | training | [`checkpoint`] | atomic, validated checkpoints (weights, optimizer, history, reward state) |
+//! | training | [`metrics`], [`sink`] | [`StepMetrics`] and where they go (JSON Lines, CSV) |
+//! | training | [`distributed`] | data-parallel training: [`Collective`](distributed::Collective), the protocol, MPI/NCCL |
+//! | models | [`models`] | toy policies (tabular, MLP) for bandits and tests |
+//! | models | `lm`, `ops` | a trainable Llama-family LM and its fused CPU kernels (feature `lm`, default) |
+//! | tasks | [`tasks`] | the preference bandit and MovieLens next-genre task of the examples and tests |
+//! | docs | [`trl`] | TRL `GRPOConfig` fields and their pgrpo equivalents, for people coming from Python |
+//!
+//! The crate root re-exports what a training loop needs; everything else is reached through
+//! its module. [`candle_core`] and [`candle_nn`] are re-exported, so `pgrpo::candle_core::Device`
+//! needs no candle entry in your own `Cargo.toml`.
 //!
 //! # Logging
 //!
@@ -67,6 +76,10 @@
 //!
 //! # Cargo features
 //!
+//! - `lm` (default): `pgrpo::lm` — the trainable Llama-family language model,
+//!   GGUF / Hugging Face loading, tokenizers, and the fused kernels of `ops`. Without it
+//!   (`default-features = false`) the core builds without tokenizers, candle-transformers or
+//!   half.
 //! - `cuda`: passes `cuda` through to candle (needs the CUDA toolkit to build); tensors follow
 //!   the policy's [`Device`](candle_core::Device).
 //! - `metal`: passes `metal` through to candle (macOS only).
@@ -78,7 +91,7 @@
 //!   makes the file operations of a save fail on demand. This crate's tests turn it on
 //!   through a dev-dependency on the crate itself; applications never need it.
 //!
-//! None is on by default. `cuda`, `metal` and `nccl` are not compiled by this repository's
+//! Only `lm` is on by default. `cuda`, `metal` and `nccl` are not compiled by this repository's
 //! CI, which runs on a Linux machine without a CUDA toolkit.
 //!
 //! # Minimum supported Rust version
@@ -88,46 +101,51 @@
 
 #![deny(missing_docs)]
 
+// The core algorithm: pure computation over rewards, statistics and log-probs.
 pub mod advantage;
-pub mod bandit;
-pub mod checkpoint;
-mod config;
-pub mod distributed;
-mod error;
-mod group;
 pub mod history;
-pub mod lm;
-pub mod metrics;
-pub mod models;
-pub mod movielens;
-mod names;
 pub mod objective;
-pub mod ops;
-pub mod optim;
 pub mod policy;
-mod reward;
+pub mod reward;
+
+// Training: the loop that composes the core, and what it needs around it.
+pub mod checkpoint;
+pub mod config;
+pub mod distributed;
+pub mod metrics;
+pub mod optim;
 pub mod rng;
 pub mod sink;
 pub mod trainer;
+
+// Models and the experiment tasks of the examples and tests.
+#[cfg(feature = "lm")]
+pub mod lm;
+pub mod models;
+#[cfg(feature = "lm")]
+pub mod ops;
+pub mod tasks;
 pub mod trl;
 
-pub use advantage::{
-    AdvantageConfig, AdvantageDiagnostics, Advantages, BatchDeltas, ColdStart, Estimator,
-    GroupDiagnostics, NonFinitePolicy, PGrpoOptions, RolloutRewards, UpdateOrder,
-};
-pub use checkpoint::{Checkpoint, CheckpointOptions};
+mod error;
+mod group;
+mod names;
+
+/// The candle crates this one is built on, re-exported so that a user names `Device`,
+/// `Tensor` or `Var` without pinning the same candle version in their own `Cargo.toml`.
+pub use candle_core;
+/// See [`candle_core`].
+pub use candle_nn;
+
+pub use advantage::{AdvantageConfig, Advantages, Estimator, RolloutRewards};
 pub use config::TrainerConfig;
 pub use error::{CheckpointProblem, Error, Result};
 pub use group::GroupKey;
-pub use history::{HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
-pub use lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
+pub use history::{HistoryKind, RewardHistory};
 pub use metrics::StepMetrics;
 pub use objective::{
-    clipped_objective, KlEstimator, LossAggregation, ObjectiveConfig, ObjectiveInputs,
-    ObjectiveMetrics, ObjectiveOutput, RatioLevel,
+    clipped_objective, LossAggregation, ObjectiveConfig, ObjectiveInputs, ObjectiveOutput,
 };
-pub use optim::LrScheduler;
 pub use policy::{Policy, TokenLogProbs};
-pub use reward::{RewardFn, WeightedRewards};
-pub use sink::{CsvSink, JsonlSink, MetricsSink};
-pub use trainer::{rank_step_rng, step_rng, GroupedPrompt, Rollout, Trainer};
+pub use reward::RewardFn;
+pub use trainer::{GroupedPrompt, Rollout, Trainer};

@@ -28,7 +28,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{GroupKey, ObjectiveMetrics};
+use crate::objective::ObjectiveMetrics;
+use crate::GroupKey;
 
 /// The batch-level metric names a [`Trainer`](crate::Trainer) step can report, in table order.
 /// A step leaves out the ones that do not apply (e.g. `entropy` when the policy reports none,

@@ -115,7 +115,7 @@ impl KlEstimator {
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
-    /// use pgrpo::KlEstimator;
+    /// use pgrpo::objective::KlEstimator;
     /// let d = Tensor::new(&[0.0f32, 1.0], &Device::Cpu)?;
     /// let k3 = KlEstimator::K3.per_token(&d)?.to_vec1::<f32>()?;
     /// assert_eq!(k3[0], 0.0);
@@ -295,7 +295,7 @@ impl ObjectiveMetrics {
     /// it). `num_tokens` is not among them: it is a normaliser, not a reported metric.
     ///
     /// ```
-    /// use pgrpo::ObjectiveMetrics;
+    /// use pgrpo::objective::ObjectiveMetrics;
     /// let m = ObjectiveMetrics { kl: 0.5, num_tokens: 3.0, ..Default::default() };
     /// let i = ObjectiveMetrics::NAMES.iter().position(|n| *n == "kl").unwrap();
     /// assert_eq!(m.values()[i], 0.5);

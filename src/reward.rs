@@ -15,8 +15,8 @@ use crate::{Error, GroupKey, Result};
 /// ```
 ///
 /// A non-finite score is passed on as is: the advantage computation rejects it (or treats it
-/// as missing, see [`NonFinitePolicy`](crate::NonFinitePolicy)). Return an error
-/// ([`Error::Reward`](crate::Error::Reward)) for a failure that should stop training.
+/// as missing, see [`NonFinitePolicy`](crate::advantage::NonFinitePolicy)). Return an error
+/// ([`Error::Reward`]) for a failure that should stop training.
 pub trait RewardFn<P, C> {
     /// The reward of `completion` for `prompt` in preference group `group`.
     fn score(&mut self, prompt: &P, completion: &C, group: &GroupKey) -> Result<f32>;
@@ -30,7 +30,7 @@ pub trait RewardFn<P, C> {
     /// exactly as an uninterrupted one would: e.g. a noise generator's seed and position.
     /// The default, `None`, means "no state": right for pure functions of their inputs.
     /// A closure that owns a generator has state it cannot report: wrap it in a struct that
-    /// implements this (see [`BanditReward`](crate::bandit::BanditReward)).
+    /// implements this (see [`BanditReward`](crate::tasks::bandit::BanditReward)).
     ///
     /// # Errors
     /// Whatever capturing the state can raise.
@@ -65,7 +65,8 @@ where
 /// A weighted sum of several reward functions, `R = Σ_k w_k R_k` (TRL's `reward_weights`).
 ///
 /// ```
-/// use pgrpo::{GroupKey, RewardFn, WeightedRewards};
+/// use pgrpo::reward::WeightedRewards;
+/// use pgrpo::{GroupKey, RewardFn};
 /// let mut r = WeightedRewards::new()
 ///     .with("len", 0.5, |_p: &u32, c: &u32, _g: &GroupKey| *c as f32)
 ///     .with("one", 2.0, |_p: &u32, _c: &u32, _g: &GroupKey| 1.0);

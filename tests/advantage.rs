@@ -6,9 +6,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, rewards, rng};
+use pgrpo::advantage::{
+    AdvantageDiagnostics, ColdStart, NonFinitePolicy, PGrpoOptions, UpdateOrder,
+};
+use pgrpo::history::Variance;
 use pgrpo::{
-    AdvantageConfig, AdvantageDiagnostics, ColdStart, Error, Estimator, GroupKey, HistoryKind,
-    NonFinitePolicy, PGrpoOptions, RewardHistory, RolloutRewards, UpdateOrder, Variance,
+    AdvantageConfig, Error, Estimator, GroupKey, HistoryKind, RewardHistory, RolloutRewards,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Var};
 use candle_nn::Optimizer;
-use pgrpo::bandit::PreferenceBandit;
 use pgrpo::checkpoint::{self, fault, files};
+use pgrpo::checkpoint::{Checkpoint, CheckpointOptions};
 use pgrpo::models::{MlpPolicy, TabularPolicy};
 use pgrpo::optim::OptimizerState;
+use pgrpo::tasks::bandit::PreferenceBandit;
 use pgrpo::{
-    Checkpoint, CheckpointOptions, CheckpointProblem, Error, Estimator, GroupKey, GroupedPrompt,
-    HistoryKind, Policy, RewardFn, StepMetrics, Trainer, TrainerConfig,
+    CheckpointProblem, Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, Policy, RewardFn,
+    StepMetrics, Trainer, TrainerConfig,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -122,7 +123,7 @@ fn full_config() -> TrainerConfig {
         learning_rate: 0.05,
         weight_decay: 0.01,
         warmup_steps: 3,
-        lr_scheduler: pgrpo::LrScheduler::Cosine,
+        lr_scheduler: pgrpo::optim::LrScheduler::Cosine,
         max_steps: Some(40),
         seed: 5,
         history: HistoryKind::Exponential { half_life: 16.0 },
@@ -134,7 +135,7 @@ fn full_config() -> TrainerConfig {
     c
 }
 
-fn tabular() -> (TabularPolicy, pgrpo::bandit::BanditReward) {
+fn tabular() -> (TabularPolicy, pgrpo::tasks::bandit::BanditReward) {
     let b = bandit();
     (
         TabularPolicy::with_init(3, 4, true, 0.1, 3, &Device::Cpu).unwrap(),
@@ -166,7 +167,7 @@ fn mlp_batch(step: u64) -> Vec<GroupedPrompt<Vec<f32>>> {
 }
 
 /// The bandit's reward for one-hot features.
-struct MlpReward(pgrpo::bandit::BanditReward);
+struct MlpReward(pgrpo::tasks::bandit::BanditReward);
 
 impl RewardFn<Vec<f32>, u32> for MlpReward {
     fn score(&mut self, x: &Vec<f32>, a: &u32, g: &GroupKey) -> pgrpo::Result<f32> {
@@ -195,6 +196,7 @@ fn mlp_bandit_resumes_exactly() {
 /// The tiny Llama LM policy resumes exactly too: weights, AdamW moments, the frozen reference
 /// (beta > 0) and the history, with two updates per batch and a cosine schedule.
 #[test]
+#[cfg(feature = "lm")]
 fn tiny_lm_resumes_exactly() {
     use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
     let calls = std::cell::Cell::new(0u64);
@@ -308,7 +310,7 @@ fn resume_child_entry() {
 // ---------------------------------------------------------------------------------------------
 // Layout, rotation, atomicity.
 
-fn trained(steps: u64) -> Trainer<TabularPolicy, pgrpo::bandit::BanditReward> {
+fn trained(steps: u64) -> Trainer<TabularPolicy, pgrpo::tasks::bandit::BanditReward> {
     let (p, r) = tabular();
     let mut t = Trainer::new(p, r, full_config()).unwrap();
     for s in 0..steps {

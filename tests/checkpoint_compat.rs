@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
-use pgrpo::bandit::PreferenceBandit;
 use pgrpo::checkpoint::files;
+use pgrpo::checkpoint::Checkpoint;
 use pgrpo::models::TabularPolicy;
 use pgrpo::optim::{OptimizerSnapshot, OptimizerState};
-use pgrpo::{Checkpoint, GroupKey, GroupedPrompt, HistoryKind, Policy, Trainer};
+use pgrpo::tasks::bandit::PreferenceBandit;
+use pgrpo::{GroupKey, GroupedPrompt, HistoryKind, Policy, Trainer};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{assert_close, normal, rewards, rng, weighted};
-use pgrpo::{Error, GroupKey, HistoryKind, RewardHistory, RunningMoments, Stats, Variance};
+use pgrpo::history::{RunningMoments, Stats, Variance};
+use pgrpo::{Error, GroupKey, HistoryKind, RewardHistory};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::{json, Value};

@@ -2,8 +2,9 @@
 //! a 10^4-step soak of the bandit trainer that reports its memory.
 
 use candle_core::Device;
-use pgrpo::bandit::PreferenceBandit;
-use pgrpo::{CheckpointOptions, GroupKey, GroupedPrompt, HistoryKind, RewardHistory, Trainer};
+use pgrpo::checkpoint::CheckpointOptions;
+use pgrpo::tasks::bandit::PreferenceBandit;
+use pgrpo::{GroupKey, GroupedPrompt, HistoryKind, RewardHistory, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Kahan–Babuška (Neumaier) compensated sum.

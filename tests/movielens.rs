@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pgrpo::movielens::{
+use pgrpo::tasks::movielens::{
     synthetic, Gender, Grouping, MovieLens, NextGenreTask, TaskConfig, AGE_BRACKETS, GENRES,
 };
 use pgrpo::Error;

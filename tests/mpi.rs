@@ -25,11 +25,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use pgrpo::advantage::{ColdStart, UpdateOrder};
 use pgrpo::distributed::{shard, Collective, Mpi};
 use pgrpo::{
-    AdvantageConfig, ColdStart, Error, Estimator, GroupKey, GroupedPrompt, HistoryKind,
-    LossAggregation, Policy, RewardFn, RewardHistory, RolloutRewards, StepMetrics, TokenLogProbs,
-    Trainer, TrainerConfig, UpdateOrder,
+    AdvantageConfig, Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, LossAggregation,
+    Policy, RewardFn, RewardHistory, RolloutRewards, StepMetrics, TokenLogProbs, Trainer,
+    TrainerConfig,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;

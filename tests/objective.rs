@@ -202,9 +202,10 @@ gspo: loss = 0.591133381
 */
 
 use candle_core::{DType, Device, Tensor, Var};
+use pgrpo::objective::{KlEstimator, ObjectiveMetrics, RatioLevel};
 use pgrpo::{
-    clipped_objective, Error, KlEstimator, LossAggregation, ObjectiveConfig, ObjectiveInputs,
-    ObjectiveMetrics, ObjectiveOutput, RatioLevel, Result,
+    clipped_objective, Error, LossAggregation, ObjectiveConfig, ObjectiveInputs, ObjectiveOutput,
+    Result,
 };
 
 const TOL: f64 = 1e-5;

@@ -2,9 +2,9 @@
 //!
 //! Case counts are kept modest (`PROPTEST_CASES` overrides them) so the suite stays fast.
 
+use pgrpo::advantage::{ColdStart, NonFinitePolicy, UpdateOrder};
 use pgrpo::{
-    AdvantageConfig, ColdStart, Error, Estimator, GroupKey, HistoryKind, NonFinitePolicy,
-    RewardHistory, RolloutRewards, UpdateOrder,
+    AdvantageConfig, Error, Estimator, GroupKey, HistoryKind, RewardHistory, RolloutRewards,
 };
 use proptest::prelude::*;
 

@@ -2,12 +2,13 @@
 //! input is a typed error.
 
 use candle_core::{Device, Tensor, Var};
-use pgrpo::bandit::PreferenceBandit;
+use pgrpo::advantage::NonFinitePolicy;
 use pgrpo::models::{MlpPolicy, TabularPolicy};
 use pgrpo::optim::clip_grad_norm;
+use pgrpo::tasks::bandit::PreferenceBandit;
 use pgrpo::{
-    Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, NonFinitePolicy, Policy, StepMetrics,
-    Trainer, TrainerConfig,
+    Error, Estimator, GroupKey, GroupedPrompt, HistoryKind, Policy, StepMetrics, Trainer,
+    TrainerConfig,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -340,7 +341,7 @@ fn bad_configs_and_inputs_are_typed_errors() {
     assert_eq!(field_of(new(c.clone()).map(|_| ())), "num_generations");
     let mut c = cfg(Estimator::PGrpo);
     c.num_generations = 1;
-    c.advantage.pgrpo.cold_start = pgrpo::ColdStart::Batch;
+    c.advantage.pgrpo.cold_start = pgrpo::advantage::ColdStart::Batch;
     assert!(
         new(c).is_ok(),
         "P-GRPO with a batch cold start works with one completion per prompt"
@@ -355,7 +356,7 @@ fn bad_configs_and_inputs_are_typed_errors() {
     c.max_grad_norm = Some(f64::NAN);
     assert_eq!(field_of(new(c).map(|_| ())), "max_grad_norm");
     let mut c = cfg(Estimator::Grpo);
-    c.lr_scheduler = pgrpo::LrScheduler::Cosine;
+    c.lr_scheduler = pgrpo::optim::LrScheduler::Cosine;
     assert_eq!(field_of(new(c).map(|_| ())), "max_steps");
     let mut c = cfg(Estimator::Grpo);
     c.adam_beta2 = 1.0;
@@ -393,7 +394,7 @@ fn warmup_and_schedules_set_the_learning_rate() {
     let bandit = easy_bandit();
     let mut c = cfg(Estimator::Grpo);
     c.warmup_steps = 4;
-    c.lr_scheduler = pgrpo::LrScheduler::Linear;
+    c.lr_scheduler = pgrpo::optim::LrScheduler::Linear;
     c.max_steps = Some(8);
     let mut t = Trainer::new(bandit.policy(&Device::Cpu).unwrap(), bandit.reward_fn(0), c).unwrap();
     let mut rng = StdRng::seed_from_u64(0);

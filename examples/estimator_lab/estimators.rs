@@ -23,7 +23,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use pgrpo::{GroupKey, HistoryKind, RewardHistory, RunningMoments, Variance};
+use pgrpo::history::{RunningMoments, Variance};
+use pgrpo::{GroupKey, HistoryKind, RewardHistory};
 
 use crate::batch::{finite_f32, BatchView, PromptView};
 

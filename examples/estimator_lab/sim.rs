@@ -6,8 +6,8 @@
 //! seed the lab's `grpo` and `p_grpo` reproduce that example's curves bit for bit.
 
 use candle_core::Device;
-use pgrpo::bandit::PreferenceBandit;
 use pgrpo::models::TabularPolicy;
+use pgrpo::tasks::bandit::PreferenceBandit;
 use pgrpo::{Estimator, GroupKey, GroupedPrompt, HistoryKind, Policy, Trainer, TrainerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};

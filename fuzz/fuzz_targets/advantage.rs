@@ -8,10 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgrpo::{
-    AdvantageConfig, ColdStart, Error, Estimator, GroupKey, HistoryKind, NonFinitePolicy,
-    RewardHistory, RolloutRewards, UpdateOrder, Variance,
-};
+use pgrpo::advantage::{ColdStart, NonFinitePolicy, UpdateOrder};
+use pgrpo::history::Variance;
+use pgrpo::{AdvantageConfig, Error, Estimator, GroupKey, HistoryKind, RewardHistory, RolloutRewards};
 
 struct Bytes<'a>(&'a [u8]);
 

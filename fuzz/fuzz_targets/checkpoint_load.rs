@@ -16,10 +16,11 @@ use std::sync::OnceLock;
 
 use candle_core::Device;
 use libfuzzer_sys::fuzz_target;
-use pgrpo::bandit::PreferenceBandit;
+use pgrpo::tasks::bandit::PreferenceBandit;
 use pgrpo::checkpoint::{files, sha256_hex};
 use pgrpo::models::TabularPolicy;
-use pgrpo::{Checkpoint, Error, GroupKey, GroupedPrompt, HistoryKind, RewardHistory, Trainer};
+use pgrpo::checkpoint::Checkpoint;
+use pgrpo::{Error, GroupKey, GroupedPrompt, HistoryKind, RewardHistory, Trainer};
 
 fn bandit() -> PreferenceBandit {
     PreferenceBandit::new(vec![0.6, 0.4], vec![1.0, 0.5], 3, 0.5, 0.2).unwrap()

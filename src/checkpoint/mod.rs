@@ -15,7 +15,7 @@
 //! | `reward_state.json` | the reward function's state, when it has one ([`RewardFn::state`](crate::RewardFn::state)) |
 //!
 //! The sampling generator needs no file: step `s` samples with
-//! [`step_rng(seed, s)`](crate::step_rng), and the seed is in the config.
+//! [`step_rng(seed, s)`](crate::rng::step_rng), and the seed is in the config.
 //!
 //! # Layout of a run directory and atomicity
 //! [`Trainer::save`](crate::Trainer::save) writes into a *run directory*:

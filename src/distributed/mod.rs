@@ -67,7 +67,8 @@ use std::ops::Range;
 
 use candle_core::{backprop::GradStore, Var};
 
-use crate::{BatchDeltas, Error, GroupKey, Result, RewardHistory};
+use crate::history::BatchDeltas;
+use crate::{Error, GroupKey, Result, RewardHistory};
 
 mod host;
 #[cfg(feature = "mpi")]

@@ -46,10 +46,8 @@ use serde_json::Value;
 
 use super::wire::{self, RankPart};
 use super::{shard, Collective};
-use crate::{
-    Error, GroupKey, ObjectiveConfig, ObjectiveMetrics, ObjectiveOutput, Result, RewardFn,
-    TokenLogProbs,
-};
+use crate::objective::ObjectiveMetrics;
+use crate::{Error, GroupKey, ObjectiveConfig, ObjectiveOutput, Result, RewardFn, TokenLogProbs};
 
 /// The fingerprint of a batch as the trainer is given it: the step number, the batch's size
 /// and its prompts' group labels (not the prompts themselves).

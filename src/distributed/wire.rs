@@ -15,7 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BatchDeltas, Error, GroupKey, ObjectiveMetrics, Result};
+use crate::history::BatchDeltas;
+use crate::objective::ObjectiveMetrics;
+use crate::{Error, GroupKey, Result};
 
 /// FNV-1a, 64 bits: a fingerprint that is the same in every process and on every host
 /// (unlike `std`'s hasher, whose algorithm may change between Rust releases).

@@ -134,7 +134,8 @@ impl GroupDelta {
 /// ([`Collective::merge_batch_deltas`](crate::distributed::Collective::merge_batch_deltas)).
 ///
 /// ```
-/// use pgrpo::{AdvantageConfig, BatchDeltas, GroupKey, RewardHistory, RolloutRewards};
+/// use pgrpo::history::BatchDeltas;
+/// use pgrpo::{AdvantageConfig, GroupKey, RewardHistory, RolloutRewards};
 /// let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
 /// let batch = RolloutRewards {
 ///     rewards: &[1.0, 0.0, 0.5, 0.25],

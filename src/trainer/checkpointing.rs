@@ -35,7 +35,8 @@ where
     ///
     /// ```
     /// use candle_core::Device;
-    /// use pgrpo::{bandit::PreferenceBandit, GroupedPrompt, Trainer, TrainerConfig};
+    /// use pgrpo::tasks::bandit::PreferenceBandit;
+    /// use pgrpo::{GroupedPrompt, Trainer, TrainerConfig};
     ///
     /// let bandit = PreferenceBandit::new(vec![0.7, 0.3], vec![1.0, 0.5], 3, 0.5, 0.1)?;
     /// let cfg = TrainerConfig { num_generations: 4, learning_rate: 0.05, ..Default::default() };

@@ -9,12 +9,11 @@ use candle_nn::Optimizer;
 use rand::rngs::StdRng;
 
 use super::Trainer;
+use crate::advantage::AdvantageDiagnostics;
 use crate::distributed::{protocol, shard, Collective};
+use crate::history::BatchDeltas;
 use crate::rng::rank_step_rng;
-use crate::{
-    AdvantageDiagnostics, BatchDeltas, Error, GroupKey, Policy, Result, RewardFn, RolloutRewards,
-    TokenLogProbs,
-};
+use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards, TokenLogProbs};
 
 /// A prompt with its preference-group label.
 #[derive(Debug, Clone, PartialEq)]

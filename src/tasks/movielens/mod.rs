@@ -21,7 +21,7 @@
 //! or a rating by a user (of a movie) that the other files do not list.
 //!
 //! ```
-//! use pgrpo::movielens::{synthetic, MovieLens};
+//! use pgrpo::tasks::movielens::{synthetic, MovieLens};
 //! let dir = std::env::temp_dir().join(format!("pgrpo-doc-ml-{}", std::process::id()));
 //! synthetic::write_sample(&dir, &synthetic::SampleConfig::default())?;
 //! let data = MovieLens::load(&dir)?;

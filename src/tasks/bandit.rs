@@ -198,7 +198,8 @@ impl PreferenceBandit {
 /// "word_pos": "…"}`. [`restore`](RewardFn::restore) re-seeds and seeks, in O(1).
 ///
 /// ```
-/// use pgrpo::{bandit::PreferenceBandit, RewardFn};
+/// use pgrpo::tasks::bandit::PreferenceBandit;
+/// use pgrpo::RewardFn;
 /// let bandit = PreferenceBandit::new(vec![0.5, 0.5], vec![1.0, 1.0], 2, 0.5, 0.1)?;
 /// let mut a = bandit.reward_fn(7);
 /// a.score(&0, &1, &"g".into())?;
