@@ -45,6 +45,12 @@ impl Llama {
         if prompts.is_empty() {
             return Err(Error::Empty("prompts"));
         }
+        if grad == Grad::Detached && self.has_adapters() {
+            // LoRA without a graph: merged weights, one GEMM per projection.
+            return self
+                .merged_shared()?
+                .token_log_probs(prompts, completions, grad, with_entropy);
+        }
         self.check_ids("prompts", prompts)?;
         let vocab = self.config().vocab_size;
         for (row, c) in completions.iter().enumerate() {
@@ -131,6 +137,12 @@ impl Llama {
 ///
 /// `Clone` shares the model's vars; [`Policy::snapshot`] deep-copies them.
 ///
+/// **LoRA** ([`LmPolicy::with_lora`]): [`Policy::vars`] are the adapters only, so the
+/// trainer's optimizer and checkpoints hold only adapters; [`Policy::snapshot`] (the KL
+/// reference) is the base model with adapters off, sharing the frozen weights (no copy);
+/// [`LmPolicy::save_hf_dir`] writes the merged model and [`LmPolicy::save_adapter`] the
+/// adapters alone (PEFT format).
+///
 /// ```
 /// use candle_core::{DType, Device};
 /// use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
@@ -198,14 +210,38 @@ impl LmPolicy {
 
     /// Writes an HF checkpoint directory that [`from_hf_dir`](Self::from_hf_dir) (and
     /// `transformers`) reads: `config.json`, `model.safetensors`, and `tokenizer.json` when
-    /// the policy has a tokenizer. Each file is written atomically.
+    /// the policy has a tokenizer. Each file is written atomically. A LoRA policy writes
+    /// its merged weights `W + (α/r)·B A`: a plain model.
     pub fn save_hf_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        self.model.save_hf_dir(dir)?;
+        if self.model.has_adapters() {
+            self.model.merged_shared()?.save_hf_dir(dir)?;
+        } else {
+            self.model.save_hf_dir(dir)?;
+        }
         if let Some(tok) = &self.tokenizer {
             tokenizer::save_tokenizer_json(tok, dir.join(TOKENIZER_FILE))?;
         }
         Ok(())
+    }
+
+    /// The policy with fresh LoRA adapters over its frozen model (see
+    /// [`Llama::with_lora`]).
+    pub fn with_lora(mut self, config: super::LoraConfig, rng: &mut StdRng) -> Result<Self> {
+        self.model = self.model.with_lora(config, rng)?;
+        Ok(self)
+    }
+
+    /// The policy with the PEFT adapters in `dir` installed over its model (see
+    /// [`Llama::with_adapter`]; a wrong base is an [`Error::AdapterBase`]).
+    pub fn with_adapter(mut self, dir: impl AsRef<Path>) -> Result<Self> {
+        self.model = self.model.with_adapter(dir)?;
+        Ok(self)
+    }
+
+    /// Writes the LoRA adapters alone in PEFT's format (see [`Llama::save_adapter`]).
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.model.save_adapter(dir)
     }
 
     /// Replaces the sampling settings (validated).
@@ -310,13 +346,21 @@ impl Policy for LmPolicy {
         self.score(prompts, completions, Grad::Detached)
     }
 
+    /// Every weight, or only the LoRA adapters of a LoRA policy ([`Llama::trainable_vars`]).
     fn vars(&self) -> Vec<Var> {
-        self.model.vars()
+        self.model.trainable_vars()
     }
 
+    /// A deep copy; for a LoRA (frozen-base) policy, the base model with adapters off,
+    /// sharing the frozen weights and with no vars ([`Llama::without_adapters`]).
     fn snapshot(&self) -> Result<Self> {
+        let model = if self.model.is_frozen() {
+            self.model.without_adapters()
+        } else {
+            self.model.snapshot()?
+        };
         Ok(Self {
-            model: self.model.snapshot()?,
+            model,
             tokenizer: self.tokenizer.clone(),
             sampling: self.sampling.clone(),
             entropy: self.entropy,
