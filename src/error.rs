@@ -283,6 +283,15 @@ pub enum Error {
         problem: CheckpointProblem,
     },
 
+    /// A chat template failed to parse or render (or raised an error itself, e.g. for a
+    /// role sequence it does not accept).
+    ///
+    /// ```text
+    /// chat template: invalid operation: the template raised: Conversation roles must alternate user/assistant/user/assistant/...
+    /// ```
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     /// A tokenizer error.
     ///
     /// ```text

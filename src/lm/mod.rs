@@ -6,6 +6,8 @@
 //! - [`hf`]: load / save HF checkpoint directories (safetensors, sharded or not);
 //! - [`gguf`]: load llama.cpp GGUF files, dequantised to dense trainable weights;
 //! - [`tokenizer`]: `tokenizer.json`, GGUF tokenizers, the ChatML prompt format;
+//! - [`chat`]: special tokens and the model's own chat template ([`TokenizerConfig`]),
+//!   `tokenizer_config.json` / `generation_config.json` for `transformers`;
 //! - [`sampling`]: batched KV-cache sampling ([`SamplingConfig`]);
 //! - [`policy`]: [`LmPolicy`], the [`Policy`](crate::Policy) implementation;
 //! - [`lora`]: LoRA adapters over a frozen base ([`LoraConfig`], [`Llama::with_lora`]);
@@ -15,6 +17,7 @@
 //! backward); this module's training path uses only differentiable ops, and a test checks
 //! that every weight receives a gradient.
 
+pub mod chat;
 pub mod config;
 pub mod gguf;
 pub mod hf;
@@ -26,6 +29,7 @@ pub mod policy;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, TokenizerConfig};
 pub use config::{LlamaConfig, TokenIds};
 pub use gguf::GgufFile;
 pub use lora::{LoraConfig, LoraTarget};
