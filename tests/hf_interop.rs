@@ -335,10 +335,27 @@ out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=in
 print(json.dumps(out[0, ids.shape[1]:].tolist()))
 "#;
 
+/// Per-token log-probs of the completion `argv[4]` after the prompt `argv[3]` under the base
+/// directory `argv[1]` with the PEFT adapter directory `argv[2]` (`PeftModel`), as JSON.
+const PEFT_SCRIPT: &str = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+p, c = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+ids = torch.tensor([p + c])
+with torch.no_grad():
+    logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+print(json.dumps([logp[len(p) - 1 + t, c[t]].item() for t in range(len(c))]))
+"#;
+
 /// SmolLM2-135M-Instruct from its GGUF, with trained-looking LoRA adapters merged and saved:
 /// `transformers` builds pgrpo's prompt ids (its default system message included) and
 /// tokenizes text alike. With `PGRPO_HF_MODEL_CHECK=1` it also loads the weights with
-/// `AutoModelForCausalLM` and answers greedily with pgrpo's tokens.
+/// `AutoModelForCausalLM` and answers greedily with pgrpo's tokens, and — when `peft`
+/// imports — `PeftModel.from_pretrained(base, adapter_dir)` on the adapter saved by
+/// `save_adapter` gives pgrpo's log-probs.
 #[test]
 fn transformers_builds_the_same_prompts_smollm2() {
     let Some(path) = smollm2_path() else {
@@ -414,10 +431,53 @@ fn transformers_builds_the_same_prompts_smollm2() {
                 .unwrap()
         );
         assert_eq!(theirs, serde_json::json!(ours[0]));
+        peft_check(&py, &policy, &dir, &prompt, &ours[0]);
     } else {
         eprintln!(
             "hf_interop: AutoModelForCausalLM check off (set PGRPO_HF_MODEL_CHECK=1; needs torch)"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// PEFT loads the adapter directory onto the saved base and computes pgrpo's log-probs.
+fn peft_check(py: &str, policy: &LmPolicy, dir: &Path, prompt: &[u32], completion: &[u32]) {
+    let ok = Command::new(py)
+        .args(["-c", "import peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        say("SKIPPED: PEFT check (`import peft` fails; install peft into PGRPO_PYTHON's environment)");
+        return;
+    }
+    let base_dir = dir.join("base");
+    let adapter_dir = dir.join("adapter");
+    policy.model().save_hf_dir(&base_dir).unwrap();
+    policy.save_adapter(&adapter_dir).unwrap();
+    let theirs: Vec<f64> = serde_json::from_value(run_python(
+        py,
+        PEFT_SCRIPT,
+        &[
+            base_dir.to_str().unwrap(),
+            adapter_dir.to_str().unwrap(),
+            &serde_json::to_string(prompt).unwrap(),
+            &serde_json::to_string(completion).unwrap(),
+        ],
+    ))
+    .unwrap();
+    let prompt = prompt.to_vec();
+    let lp = policy
+        .log_probs(&[&prompt], &[completion.to_vec()])
+        .unwrap();
+    let ours: Vec<f32> = lp.logp.flatten_all().unwrap().to_vec1().unwrap();
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+    say(&format!(
+        "hf_interop: PEFT vs pgrpo log-probs, max |diff| {worst:.2e} over {} tokens",
+        ours.len()
+    ));
+    assert_eq!(ours.len(), theirs.len());
+    assert!(worst < 1e-3, "PEFT {theirs:?} vs pgrpo {ours:?}");
 }
