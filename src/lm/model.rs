@@ -413,9 +413,10 @@ impl Llama {
         self.dtype
     }
 
-    /// The trainable variables with their Hugging Face names, in a fixed order: embedding,
+    /// The base weights' vars with their Hugging Face names, in a fixed order: embedding,
     /// then per block `input_layernorm, q, (q bias), k, (k bias), v, (v bias), o,
     /// post_attention_layernorm, gate, up, down`, then `model.norm`, then `lm_head` (untied).
+    /// LoRA adapters are not included ([`named_adapter_vars`](Self::named_adapter_vars)).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -457,7 +458,8 @@ impl Llama {
         out
     }
 
-    /// The trainable variables in the order of [`named_vars`](Self::named_vars).
+    /// Every base weight in the order of [`named_vars`](Self::named_vars) (what an optimizer
+    /// trains is [`trainable_vars`](Self::trainable_vars): these, or a LoRA model's adapters).
     pub fn vars(&self) -> Vec<Var> {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }

@@ -767,18 +767,18 @@ impl CustomOp2 for Block {
                     let need_h1 = need_x || need[w.index[0]];
                     let mut dh1 = need_h1.then(|| vec![0f32; n * hs]);
                     let dproj = [&dq, &dk, &dv];
-                    for j in 0..3 {
+                    for (j, &d) in dproj.iter().enumerate() {
                         let out = if j == 0 { qd } else { kd };
                         if let Some(dh1) = dh1.as_deref_mut() {
-                            lin_dx(dproj[j], w.proj[j], n, out, hs, dh1, j > 0);
+                            lin_dx(d, w.proj[j], n, out, hs, dh1, j > 0);
                         }
-                        base_dw(&mut grads, 1 + j, dproj[j], &sv.h1, (out, hs));
+                        base_dw(&mut grads, 1 + j, d, &sv.h1, (out, hs));
                         if let Some(bi) = w.bias_index[j] {
                             if need[bi] {
-                                grads[bi] = Some(col_sums(dproj[j], out));
+                                grads[bi] = Some(col_sums(d, out));
                             }
                         }
-                        lora_bwd(j, &sv.h1, dproj[j], (out, hs), dh1.as_deref_mut());
+                        lora_bwd(j, &sv.h1, d, (out, hs), dh1.as_deref_mut());
                     }
                     let mut dx = dx2;
                     if let Some(dh1) = dh1 {
