@@ -239,9 +239,9 @@ impl Llama {
     /// let mut rng = StdRng::seed_from_u64(0);
     /// let base = Llama::new(config, &mut rng, &Device::Cpu, DType::F32)?;
     /// let lora = base.clone().with_lora(LoraConfig::default(), &mut rng)?;
-    /// // q and v of 2 blocks, A and B each: 8 trainable tensors; the base has 21 (frozen).
+    /// // q and v of 2 blocks, A and B each: 8 trainable tensors; the base has 20 (frozen).
     /// assert_eq!(lora.trainable_vars().len(), 8);
-    /// assert_eq!(base.trainable_vars().len(), 21);
+    /// assert_eq!(base.trainable_vars().len(), 20);
     /// # Ok::<(), pgrpo::Error>(())
     /// ```
     ///
