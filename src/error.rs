@@ -211,6 +211,23 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    /// A LoRA adapter was saved for other base weights than those of the model it is
+    /// loaded onto (see [`Llama::with_adapter`](crate::lm::Llama::with_adapter)); both
+    /// fingerprints are [`Llama::base_sha256`](crate::lm::Llama::base_sha256) values.
+    ///
+    /// ```text
+    /// runs/a/adapter/adapter_model.safetensors: this adapter was trained on base weights with sha256 9f86d0…, the model's base weights hash to 2c26b4…; load the base it was trained on
+    /// ```
+    #[error("{path}: this adapter was trained on base weights with sha256 {expected}, the model's base weights hash to {found}; load the base it was trained on", path = path.display())]
+    AdapterBase {
+        /// The adapter weights file.
+        path: PathBuf,
+        /// The fingerprint recorded in the adapter.
+        expected: String,
+        /// The fingerprint of the model's base weights.
+        found: String,
+    },
+
     /// The model architecture or a feature of the checkpoint is not supported.
     ///
     /// ```text
@@ -265,6 +282,15 @@ pub enum Error {
         /// What is wrong with it.
         problem: CheckpointProblem,
     },
+
+    /// A chat template failed to parse or render (or raised an error itself, e.g. for a
+    /// role sequence it does not accept).
+    ///
+    /// ```text
+    /// chat template: invalid operation: the template raised: Conversation roles must alternate user/assistant/user/assistant/...
+    /// ```
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
 
     /// A tokenizer error.
     ///

@@ -296,6 +296,8 @@ struct Arm {
 }
 
 /// Where every run's initial policy comes from.
+// One value per process: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Base {
     /// A fresh model per seed (seeded init) with the word-level tokenizer.
     Scratch {

@@ -40,8 +40,10 @@ impl Llama {
         Self::from_tensors(config, tensors, device, dtype, &source)
     }
 
-    /// Writes `dir/config.json` and `dir/model.safetensors` (in the model's dtype), creating
-    /// `dir` if needed. Each file is written to a temporary name and renamed into place.
+    /// Writes `dir/config.json`, `dir/generation_config.json` (BOS / EOS / pad ids) and
+    /// `dir/model.safetensors` (in the model's dtype), creating `dir` if needed. Each file is
+    /// written to a temporary name and renamed into place. A LoRA model writes its base
+    /// weights only; save [`merged`](Self::merged) for the adapted model.
     pub fn save_hf_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::File {
@@ -56,6 +58,7 @@ impl Llama {
                 reason: format!("cannot write weights: {e}"),
             })
         })?;
+        super::chat::write_generation_config(self.config(), dir)?;
         self.config()
             .write_json(&dir.join(CONFIG_FILE), self.dtype())
     }

@@ -15,13 +15,15 @@
 //! the row alone. A [`KvCache`] makes incremental decoding cost one token per step.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::config::LlamaConfig;
+use super::lora::{Adapter, LoraState};
+use crate::ops::Dropout;
 use crate::{Error, Result};
 
 /// Whether a forward pass records the autograd graph.
@@ -56,25 +58,55 @@ pub enum Kernels {
     Reference,
 }
 
-/// A linear layer `y = x Wᵀ (+ b)` with `W: (out, in)`.
+/// A linear layer `y = x Wᵀ (+ b)` with `W: (out, in)`, plus an optional LoRA adapter
+/// `+ (α/r) · (drop(x) Aᵀ) Bᵀ`.
 #[derive(Debug, Clone)]
-struct Linear {
-    weight: Var,
-    bias: Option<Var>,
+pub(crate) struct Linear {
+    pub(crate) weight: Var,
+    pub(crate) bias: Option<Var>,
+    pub(crate) adapter: Option<Adapter>,
 }
 
 /// One pre-norm decoder block.
 #[derive(Debug, Clone)]
-struct Block {
-    input_layernorm: Var,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    post_attention_layernorm: Var,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: Var,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) post_attention_layernorm: Var,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
+}
+
+impl Block {
+    /// The projections in [`crate::ops::PROJECTIONS`] order (q, k, v, o, gate, up, down).
+    pub(crate) fn projections(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// [`projections`](Self::projections), mutably.
+    pub(crate) fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 /// A Llama-family causal language model with Hugging Face weight names.
@@ -83,6 +115,9 @@ struct Block {
 /// [`Llama::from_hf_dir`] / [`Llama::from_gguf`]. Its trainable
 /// tensors are [`Var`]s in a fixed order ([`Llama::named_vars`]). `Clone` shares those vars
 /// (an optimizer step on one is seen by the other); [`Llama::snapshot`] copies them.
+///
+/// With [`Llama::with_lora`] the base weights are frozen and only LoRA adapters train
+/// ([`Llama::trainable_vars`]); see [`lora`](super::lora).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -106,12 +141,18 @@ pub struct Llama {
     config: LlamaConfig,
     device: Device,
     dtype: DType,
-    embed_tokens: Var,
-    layers: Vec<Block>,
-    norm: Var,
+    pub(crate) embed_tokens: Var,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: Var,
     /// `None` when tied to `embed_tokens`.
-    lm_head: Option<Var>,
+    pub(crate) lm_head: Option<Var>,
     kernels: Kernels,
+    /// The base weights get no gradient (a LoRA model, or the reference of one).
+    pub(crate) frozen: bool,
+    /// The LoRA settings when the projections carry adapters.
+    pub(crate) lora: Option<LoraState>,
+    /// The file or directory the weights were loaded from (`None`: random init).
+    pub(crate) source: Option<PathBuf>,
 }
 
 /// Key/value cache for incremental decoding, one entry per block.
@@ -221,7 +262,10 @@ impl Llama {
             let t = Tensor::from_vec(data, shape.as_slice(), device)?;
             tensors.insert(name, t);
         }
-        Self::from_tensors(config, tensors, device, dtype, Path::new("<random init>"))
+        let mut model =
+            Self::from_tensors(config, tensors, device, dtype, Path::new("<random init>"))?;
+        model.source = None;
+        Ok(model)
     }
 
     /// Builds the model from tensors keyed by Hugging Face names (`model.embed_tokens.weight`,
@@ -275,7 +319,11 @@ impl Llama {
                 } else {
                     None
                 };
-                Ok::<_, Error>(Linear { weight, bias })
+                Ok::<_, Error>(Linear {
+                    weight,
+                    bias,
+                    adapter: None,
+                })
             };
             let q_proj = linear("self_attn.q_proj", q_out, h, bias)?;
             let k_proj = linear("self_attn.k_proj", kv_out, h, bias)?;
@@ -327,6 +375,9 @@ impl Llama {
             norm,
             lm_head,
             kernels: Kernels::default(),
+            frozen: false,
+            lora: None,
+            source: Some(source.to_path_buf()),
         })
     }
 
@@ -362,9 +413,10 @@ impl Llama {
         self.dtype
     }
 
-    /// The trainable variables with their Hugging Face names, in a fixed order: embedding,
+    /// The base weights' vars with their Hugging Face names, in a fixed order: embedding,
     /// then per block `input_layernorm, q, (q bias), k, (k bias), v, (v bias), o,
     /// post_attention_layernorm, gate, up, down`, then `model.norm`, then `lm_head` (untied).
+    /// LoRA adapters are not included ([`named_adapter_vars`](Self::named_adapter_vars)).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -406,18 +458,31 @@ impl Llama {
         out
     }
 
-    /// The trainable variables in the order of [`named_vars`](Self::named_vars).
+    /// Every base weight in the order of [`named_vars`](Self::named_vars) (what an optimizer
+    /// trains is [`trainable_vars`](Self::trainable_vars): these, or a LoRA model's adapters).
     pub fn vars(&self) -> Vec<Var> {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// A deep copy with its own storage (not updated by an optimizer stepping `self`).
+    /// A deep copy with its own storage (not updated by an optimizer stepping `self`), LoRA
+    /// adapters included. (For a LoRA model's KL reference, which needs no copy, see
+    /// [`Llama::without_adapters`].)
     pub fn snapshot(&self) -> Result<Self> {
         let copy = |v: &Var| Var::from_tensor(&v.as_tensor().detach());
         let lin = |l: &Linear| -> Result<Linear> {
             Ok(Linear {
                 weight: copy(&l.weight)?,
                 bias: l.bias.as_ref().map(copy).transpose()?,
+                adapter: l
+                    .adapter
+                    .as_ref()
+                    .map(|a| {
+                        Ok::<_, Error>(Adapter {
+                            a: copy(&a.a)?,
+                            b: copy(&a.b)?,
+                        })
+                    })
+                    .transpose()?,
             })
         };
         let layers = self
@@ -446,6 +511,9 @@ impl Llama {
             norm: copy(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(copy).transpose()?,
             kernels: self.kernels,
+            frozen: self.frozen,
+            lora: self.lora.as_ref().map(LoraState::copy),
+            source: self.source.clone(),
         })
     }
 
@@ -477,6 +545,9 @@ impl Llama {
     }
 
     fn forward_mode(&self, ids: &Tensor, mask: Option<&Tensor>, grad: Grad) -> Result<Tensor> {
+        if grad == Grad::Detached && self.has_adapters() {
+            return self.merged_shared()?.forward_mode(ids, mask, grad);
+        }
         let real = real_from_mask(ids, mask)?;
         let h = self.hidden_states(ids, &real, None, grad)?;
         self.logits(&h, grad)
@@ -494,7 +565,9 @@ impl Llama {
     /// Appends tokens `ids: (B, T)` to `cache` and returns their logits `(B, T, V)` (no graph).
     ///
     /// `real` (length `B·T`, row-major) marks real tokens; `None` means all real. Prefill a
-    /// left-padded prompt batch with one call, then feed one column per step.
+    /// left-padded prompt batch with one call, then feed one column per step. LoRA adapters
+    /// run unmerged here (two thin matmuls per adapted projection); [`Llama::generate`]
+    /// merges them once per call instead.
     pub fn forward_cached(
         &self,
         ids: &Tensor,
@@ -555,7 +628,8 @@ impl Llama {
             cache.next_pos = vec![0; b];
         }
         let ctx = self.attn_ctx(b, t, real, cache, grad)?;
-        let w = |v: &Var| weight(v, grad);
+        let pass = self.block_pass(grad);
+        let w = |v: &Var| pass.base(v);
         let mut x = w(&self.embed_tokens).index_select(&ids.flatten_all()?, 0)?; // (B·T, H)
         let fused = self.kernels != Kernels::Reference;
         // Training forward on the CPU in f32: each block is one graph node (no KV cache to fill).
@@ -576,18 +650,21 @@ impl Llama {
                 sin: ctx.sin.flatten_all()?.to_vec1::<f32>()?.into(),
                 mask: ctx.mask.flatten_all()?.to_vec1::<f32>()?.into(),
             };
-            for block in &self.layers {
-                x = crate::ops::decoder_block(&x, &block.weights(), &shape)?;
+            for (layer, block) in self.layers.iter().enumerate() {
+                let tensors = block.tensors(&pass);
+                let weights = tensors.view(&pass, layer);
+                x = crate::ops::decoder_block(&x, &weights, &shape)?;
             }
         }
-        for (block, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+        for (layer, (block, kv)) in self.layers.iter().zip(cache.kv.iter_mut()).enumerate() {
             if whole_blocks {
                 break;
             }
+            let at = (&pass, layer);
             x = if fused {
-                block.forward_fused(&x, b, t, &self.config, &ctx, kv, grad)?
+                block.forward_fused(&x, b, t, &self.config, &ctx, kv, at)?
             } else {
-                block.forward(&x, b, t, &self.config, &ctx, kv, grad)?
+                block.forward(&x, b, t, &self.config, &ctx, kv, at)?
             };
         }
         let eps = self.config.rms_norm_eps;
@@ -602,12 +679,13 @@ impl Llama {
     /// Logits `(.., V)` from hidden states `(.., hidden)`.
     pub fn logits(&self, hidden: &Tensor, grad: Grad) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let head = self.pass(grad).base(head);
         let dims = hidden.dims().to_vec();
         let hsz = *dims.last().unwrap_or(&0);
         let x = hidden.reshape(((), hsz))?;
         let y = match self.kernels {
-            Kernels::Fused | Kernels::FusedOps => crate::ops::linear(&x, &weight(head, grad))?,
-            Kernels::Reference => x.matmul(&weight(head, grad).t()?)?,
+            Kernels::Fused | Kernels::FusedOps => crate::ops::linear(&x, &head)?,
+            Kernels::Reference => x.matmul(&head.t()?)?,
         };
         let mut out = dims;
         if let Some(last) = out.last_mut() {
@@ -694,18 +772,21 @@ impl Block {
         cfg: &LlamaConfig,
         ctx: &AttnCtx,
         kv: &mut Option<(Tensor, Tensor)>,
-        grad: Grad,
+        (pass, layer): (&Pass, usize),
     ) -> Result<Tensor> {
+        let grad = pass.grad;
+        let lin =
+            |l: &Linear, x: &Tensor, module: usize| l.forward(x, pass, pass.dropout(layer, module));
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let rep = nh / nkv;
         let eps = cfg.rms_norm_eps;
-        let h = rms_norm(x, &weight(&self.input_layernorm, grad), eps, grad)?;
+        let h = rms_norm(x, &pass.base(&self.input_layernorm), eps, grad)?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(&h, grad)?, nh)?;
-        let k = heads(self.k_proj.forward(&h, grad)?, nkv)?;
-        let v = heads(self.v_proj.forward(&h, grad)?, nkv)?;
+        let q = heads(lin(&self.q_proj, &h, 0)?, nh)?;
+        let k = heads(lin(&self.k_proj, &h, 1)?, nkv)?;
+        let v = heads(lin(&self.v_proj, &h, 2)?, nkv)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (rope(&q, ctx, grad)? * scale)?;
         let k = rope(&k, ctx, grad)?;
@@ -729,31 +810,67 @@ impl Block {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
-        let x = (x + self.o_proj.forward(&attn, grad)?)?;
-        let h = rms_norm(&x, &weight(&self.post_attention_layernorm, grad), eps, grad)?;
-        let gate = self.gate_proj.forward(&h, grad)?.silu()?;
-        let up = self.up_proj.forward(&h, grad)?;
-        let y = self.down_proj.forward(&(gate * up)?, grad)?;
+        let x = (x + lin(&self.o_proj, &attn, 3)?)?;
+        let h = rms_norm(&x, &pass.base(&self.post_attention_layernorm), eps, grad)?;
+        let gate = lin(&self.gate_proj, &h, 4)?.silu()?;
+        let up = lin(&self.up_proj, &h, 5)?;
+        let y = lin(&self.down_proj, &(gate * up)?, 6)?;
         Ok((x + y)?)
     }
 }
 
-impl Block {
-    /// The weights as attached tensors, for [`crate::ops::decoder_block`].
-    fn weights(&self) -> crate::ops::BlockWeights<'_> {
-        fn lin(l: &Linear) -> (&Tensor, Option<&Tensor>) {
-            (l.weight.as_tensor(), l.bias.as_ref().map(|b| b.as_tensor()))
+/// One block's weights as tensors for a pass (attached where they train, detached where
+/// frozen), for [`crate::ops::decoder_block`].
+struct BlockTensors {
+    input_norm: Tensor,
+    proj: [(Tensor, Option<Tensor>); 7],
+    post_norm: Tensor,
+    lora: [Option<(Tensor, Tensor)>; 7],
+}
+
+impl BlockTensors {
+    fn view(&self, pass: &Pass, layer: usize) -> crate::ops::BlockWeights<'_> {
+        let p = &self.proj;
+        let lin = |j: usize| (&p[j].0, p[j].1.as_ref());
+        let mut lora = [None; 7];
+        for (j, (slot, ab)) in lora.iter_mut().zip(&self.lora).enumerate() {
+            *slot = ab.as_ref().map(|(a, b)| crate::ops::BlockLora {
+                a,
+                b,
+                scale: pass.scale as f32,
+                dropout: pass.dropout(layer, j),
+            });
         }
         crate::ops::BlockWeights {
-            input_norm: self.input_layernorm.as_tensor(),
-            q: lin(&self.q_proj),
-            k: lin(&self.k_proj),
-            v: lin(&self.v_proj),
-            o: self.o_proj.weight.as_tensor(),
-            post_norm: self.post_attention_layernorm.as_tensor(),
-            gate: self.gate_proj.weight.as_tensor(),
-            up: self.up_proj.weight.as_tensor(),
-            down: self.down_proj.weight.as_tensor(),
+            input_norm: &self.input_norm,
+            q: lin(0),
+            k: lin(1),
+            v: lin(2),
+            o: &p[3].0,
+            post_norm: &self.post_norm,
+            gate: &p[4].0,
+            up: &p[5].0,
+            down: &p[6].0,
+            lora,
+        }
+    }
+}
+
+impl Block {
+    fn tensors(&self, pass: &Pass) -> BlockTensors {
+        let proj = self
+            .projections()
+            .map(|l| (pass.base(&l.weight), l.bias.as_ref().map(|b| pass.base(b))));
+        let lora = self.projections().map(|l| {
+            l.adapter
+                .as_ref()
+                .map(|ad| (pass.adapter(&ad.a), pass.adapter(&ad.b)))
+        });
+        BlockTensors {
+            input_norm: pass.base(&self.input_layernorm),
+            proj,
+            post_norm: pass.base(&self.post_attention_layernorm),
+            lora,
         }
     }
 
@@ -768,24 +885,18 @@ impl Block {
         cfg: &LlamaConfig,
         ctx: &AttnCtx,
         kv: &mut Option<(Tensor, Tensor)>,
-        grad: Grad,
+        (pass, layer): (&Pass, usize),
     ) -> Result<Tensor> {
         use crate::ops;
+        let lin = |l: &Linear, x: &Tensor, module: usize| {
+            l.forward_fused(x, pass, pass.dropout(layer, module))
+        };
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps as f32;
-        let h = ops::rms_norm(x, &weight(&self.input_layernorm, grad), eps)?;
-        let q = self
-            .q_proj
-            .forward_fused(&h, grad)?
-            .reshape((b, t, nh, hd))?;
-        let k = self
-            .k_proj
-            .forward_fused(&h, grad)?
-            .reshape((b, t, nkv, hd))?;
-        let v = self
-            .v_proj
-            .forward_fused(&h, grad)?
-            .reshape((b, t, nkv, hd))?;
+        let h = ops::rms_norm(x, &pass.base(&self.input_layernorm), eps)?;
+        let q = lin(&self.q_proj, &h, 0)?.reshape((b, t, nh, hd))?;
+        let k = lin(&self.k_proj, &h, 1)?.reshape((b, t, nkv, hd))?;
+        let v = lin(&self.v_proj, &h, 2)?.reshape((b, t, nkv, hd))?;
         let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match kv.take() {
@@ -795,34 +906,121 @@ impl Block {
         *kv = Some((k.clone(), v.clone()));
         let scale = 1.0 / (hd as f64).sqrt();
         let attn = ops::attention(&q, &k, &v, &ctx.mask, scale)?.reshape((b * t, nh * hd))?;
-        let x = (x + self.o_proj.forward_fused(&attn, grad)?)?;
-        let h = ops::rms_norm(&x, &weight(&self.post_attention_layernorm, grad), eps)?;
-        let gate = self.gate_proj.forward_fused(&h, grad)?;
-        let up = self.up_proj.forward_fused(&h, grad)?;
-        let y = self
-            .down_proj
-            .forward_fused(&ops::swiglu(&gate, &up)?, grad)?;
+        let x = (x + lin(&self.o_proj, &attn, 3)?)?;
+        let h = ops::rms_norm(&x, &pass.base(&self.post_attention_layernorm), eps)?;
+        let gate = lin(&self.gate_proj, &h, 4)?;
+        let up = lin(&self.up_proj, &h, 5)?;
+        let y = lin(&self.down_proj, &ops::swiglu(&gate, &up)?, 6)?;
         Ok((x + y)?)
     }
 }
 
 impl Linear {
     /// [`Linear::forward`] through [`crate::ops::linear`].
-    fn forward_fused(&self, x: &Tensor, grad: Grad) -> Result<Tensor> {
-        let y = crate::ops::linear(x, &weight(&self.weight, grad))?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&weight(b, grad))?,
+    fn forward_fused(&self, x: &Tensor, pass: &Pass, drop: Option<Dropout>) -> Result<Tensor> {
+        let y = crate::ops::linear(x, &pass.base(&self.weight))?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&pass.base(b))?,
             None => y,
-        })
+        };
+        self.add_lora(x, y, pass, drop, true)
     }
 
     /// `x: (N, in)` → `(N, out)`.
-    fn forward(&self, x: &Tensor, grad: Grad) -> Result<Tensor> {
-        let y = x.matmul(&weight(&self.weight, grad).t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&weight(b, grad))?,
+    fn forward(&self, x: &Tensor, pass: &Pass, drop: Option<Dropout>) -> Result<Tensor> {
+        let y = x.matmul(&pass.base(&self.weight).t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&pass.base(b))?,
             None => y,
+        };
+        self.add_lora(x, y, pass, drop, false)
+    }
+
+    /// `y + (α/r) · (drop(x) Aᵀ) Bᵀ` when the layer has an adapter, else `y`.
+    fn add_lora(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        pass: &Pass,
+        drop: Option<Dropout>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let Some(ad) = &self.adapter else {
+            return Ok(y);
+        };
+        let xd = match drop {
+            Some(d) => d.apply_tensor(x)?,
+            None => x.clone(),
+        };
+        let (a, b) = (pass.adapter(&ad.a), pass.adapter(&ad.b));
+        let z = if fused {
+            crate::ops::linear(&crate::ops::linear(&xd, &a)?, &b)?
+        } else {
+            xd.matmul(&a.t()?)?.matmul(&b.t()?)?
+        };
+        Ok((y + (z * pass.scale)?)?)
+    }
+}
+
+/// How one forward call treats the weights.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pass {
+    pub(crate) grad: Grad,
+    /// The base weights get no gradient.
+    frozen: bool,
+    /// LoRA's `α / r` (unused without adapters).
+    scale: f64,
+    /// LoRA dropout of this call: `(p, seed)`, only when training with `p > 0`.
+    dropout: Option<(f32, u64)>,
+}
+
+impl Pass {
+    /// A base weight: attached only when training and not frozen.
+    pub(crate) fn base(&self, v: &Var) -> Tensor {
+        match (self.grad, self.frozen) {
+            (Grad::Track, false) => v.as_tensor().clone(),
+            _ => v.as_tensor().detach(),
+        }
+    }
+
+    /// An adapter weight: attached when training.
+    fn adapter(&self, v: &Var) -> Tensor {
+        weight(v, self.grad)
+    }
+
+    /// The dropout of projection `module` (in [`crate::ops::PROJECTIONS`] order) of block
+    /// `layer` in this call.
+    fn dropout(&self, layer: usize, module: usize) -> Option<Dropout> {
+        self.dropout.map(|(p, seed)| Dropout {
+            p,
+            seed: crate::ops::dropout::splitmix64(
+                seed ^ crate::ops::dropout::splitmix64((layer * 8 + module + 1) as u64),
+            ),
         })
+    }
+}
+
+impl Llama {
+    /// How a call with `grad` treats the weights (no dropout).
+    pub(crate) fn pass(&self, grad: Grad) -> Pass {
+        Pass {
+            grad,
+            frozen: self.frozen,
+            scale: self.lora.as_ref().map_or(0.0, |l| l.config.scale()),
+            dropout: None,
+        }
+    }
+
+    /// [`pass`](Self::pass) for one forward through the blocks: draws this call's dropout
+    /// seed when training a LoRA model with dropout.
+    fn block_pass(&self, grad: Grad) -> Pass {
+        let mut pass = self.pass(grad);
+        if let Some(l) = &self.lora {
+            if grad == Grad::Track && l.config.dropout > 0.0 {
+                pass.dropout = Some((l.config.dropout as f32, l.next_call_seed()));
+            }
+        }
+        pass
     }
 }
 

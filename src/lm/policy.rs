@@ -5,6 +5,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::rngs::StdRng;
 
+use super::chat::{ChatMessage, TokenizerConfig};
 use super::hf::TOKENIZER_FILE;
 use super::model::{Grad, Kernels, Llama};
 use super::sampling::SamplingConfig;
@@ -44,6 +45,12 @@ impl Llama {
         }
         if prompts.is_empty() {
             return Err(Error::Empty("prompts"));
+        }
+        if grad == Grad::Detached && self.has_adapters() {
+            // LoRA without a graph: merged weights, one GEMM per projection.
+            return self
+                .merged_shared()?
+                .token_log_probs(prompts, completions, grad, with_entropy);
         }
         self.check_ids("prompts", prompts)?;
         let vocab = self.config().vocab_size;
@@ -131,6 +138,12 @@ impl Llama {
 ///
 /// `Clone` shares the model's vars; [`Policy::snapshot`] deep-copies them.
 ///
+/// **LoRA** ([`LmPolicy::with_lora`]): [`Policy::vars`] are the adapters only, so the
+/// trainer's optimizer and checkpoints hold only adapters; [`Policy::snapshot`] (the KL
+/// reference) is the base model with adapters off, sharing the frozen weights (no copy);
+/// [`LmPolicy::save_hf_dir`] writes the merged model and [`LmPolicy::save_adapter`] the
+/// adapters alone (PEFT format).
+///
 /// ```
 /// use candle_core::{DType, Device};
 /// use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
@@ -156,14 +169,18 @@ impl Llama {
 pub struct LmPolicy {
     model: Llama,
     tokenizer: Option<Tokenizer>,
+    tokenizer_config: TokenizerConfig,
     sampling: SamplingConfig,
     entropy: bool,
 }
 
 impl LmPolicy {
-    /// Wraps a model (and optionally its tokenizer) with default sampling.
+    /// Wraps a model (and optionally its tokenizer) with default sampling. Special tokens
+    /// come from the model config's ids, and prompts are ChatML until
+    /// [`with_tokenizer_config`](Self::with_tokenizer_config) gives a chat template.
     pub fn new(model: Llama, tokenizer: Option<Tokenizer>) -> Self {
         Self {
+            tokenizer_config: TokenizerConfig::from_model(model.config(), tokenizer.as_ref()),
             model,
             tokenizer,
             sampling: SamplingConfig::default(),
@@ -172,7 +189,8 @@ impl LmPolicy {
     }
 
     /// Loads an HF checkpoint directory (`config.json`, safetensors, optional
-    /// `tokenizer.json`) as `f32` on `device`.
+    /// `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja`) as `f32` on
+    /// `device`.
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let model = Llama::from_hf_dir(dir, device, DType::F32)?;
@@ -182,30 +200,80 @@ impl LmPolicy {
         } else {
             None
         };
-        Ok(Self::new(model, tokenizer))
+        let mut policy = Self::new(model, tokenizer);
+        if let Some(cfg) = TokenizerConfig::from_hf_dir(dir)? {
+            policy.tokenizer_config = cfg;
+        }
+        Ok(policy)
     }
 
-    /// Loads a GGUF checkpoint (dequantised to `f32` on `device`) and the tokenizer in its
-    /// metadata, if any.
+    /// Loads a GGUF checkpoint (dequantised to `f32` on `device`), the tokenizer in its
+    /// metadata, if any, and its special tokens and chat template
+    /// ([`TokenizerConfig::from_gguf`]).
     pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let mut file = super::gguf::GgufFile::open(path.as_ref())?;
         let config = file.config()?;
         let tokenizer = tokenizer::tokenizer_from_gguf(file.content())?;
+        let tok_config = tokenizer
+            .as_ref()
+            .map(|t| TokenizerConfig::from_gguf(file.content(), t));
         let tensors = file.hf_tensors(&config)?;
         let model = Llama::from_tensors(config, tensors, device, DType::F32, path.as_ref())?;
-        Ok(Self::new(model, tokenizer))
+        let mut policy = Self::new(model, tokenizer);
+        if let Some(cfg) = tok_config {
+            policy.tokenizer_config = cfg;
+        }
+        Ok(policy)
     }
 
-    /// Writes an HF checkpoint directory that [`from_hf_dir`](Self::from_hf_dir) (and
-    /// `transformers`) reads: `config.json`, `model.safetensors`, and `tokenizer.json` when
-    /// the policy has a tokenizer. Each file is written atomically.
+    /// Writes an HF checkpoint directory that [`from_hf_dir`](Self::from_hf_dir),
+    /// `transformers` and TRL read: `config.json`, `generation_config.json`,
+    /// `model.safetensors`, and with a tokenizer `tokenizer.json` and
+    /// `tokenizer_config.json` (special tokens and the chat template,
+    /// [`TokenizerConfig::to_json`]). Each file is written atomically. A LoRA policy writes
+    /// its merged weights `W + (α/r)·B A`: a plain model.
     pub fn save_hf_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        self.model.save_hf_dir(dir)?;
+        if self.model.has_adapters() {
+            self.model.merged_shared()?.save_hf_dir(dir)?;
+        } else {
+            self.model.save_hf_dir(dir)?;
+        }
         if let Some(tok) = &self.tokenizer {
             tokenizer::save_tokenizer_json(tok, dir.join(TOKENIZER_FILE))?;
+            self.tokenizer_config.write(dir)?;
         }
         Ok(())
+    }
+
+    /// Special tokens and chat template.
+    pub fn tokenizer_config(&self) -> &TokenizerConfig {
+        &self.tokenizer_config
+    }
+
+    /// Replaces the special tokens and chat template.
+    pub fn with_tokenizer_config(mut self, config: TokenizerConfig) -> Self {
+        self.tokenizer_config = config;
+        self
+    }
+
+    /// The policy with fresh LoRA adapters over its frozen model (see
+    /// [`Llama::with_lora`]).
+    pub fn with_lora(mut self, config: super::LoraConfig, rng: &mut StdRng) -> Result<Self> {
+        self.model = self.model.with_lora(config, rng)?;
+        Ok(self)
+    }
+
+    /// The policy with the PEFT adapters in `dir` installed over its model (see
+    /// [`Llama::with_adapter`]; a wrong base is an [`Error::AdapterBase`]).
+    pub fn with_adapter(mut self, dir: impl AsRef<Path>) -> Result<Self> {
+        self.model = self.model.with_adapter(dir)?;
+        Ok(self)
+    }
+
+    /// Writes the LoRA adapters alone in PEFT's format (see [`Llama::save_adapter`]).
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.model.save_adapter(dir)
     }
 
     /// Replaces the sampling settings (validated).
@@ -259,10 +327,19 @@ impl LmPolicy {
         tokenizer::decode(self.tok()?, ids, true)
     }
 
-    /// Token ids of a one-turn ChatML prompt for `user`
-    /// (`<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n`).
+    /// Token ids of a one-turn prompt for `user`, ending where the assistant's answer
+    /// begins: [`chat_prompt_messages`](Self::chat_prompt_messages) with one user message.
+    /// With SmolLM2's template this includes its default system message.
     pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
-        self.encode(&tokenizer::chatml(None, user))
+        self.chat_prompt_messages(&[ChatMessage::user(user)])
+    }
+
+    /// Token ids of `messages` under the model's chat template (ChatML when it has none)
+    /// with the generation prompt added, as `tokenizer.apply_chat_template(messages,
+    /// tokenize=True, add_generation_prompt=True)` gives them in `transformers`.
+    pub fn chat_prompt_messages(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.tokenizer_config.apply_chat_template(messages, true)?;
+        self.encode(&text)
     }
 
     fn score(
@@ -310,14 +387,23 @@ impl Policy for LmPolicy {
         self.score(prompts, completions, Grad::Detached)
     }
 
+    /// Every weight, or only the LoRA adapters of a LoRA policy ([`Llama::trainable_vars`]).
     fn vars(&self) -> Vec<Var> {
-        self.model.vars()
+        self.model.trainable_vars()
     }
 
+    /// A deep copy; for a LoRA (frozen-base) policy, the base model with adapters off,
+    /// sharing the frozen weights and with no vars ([`Llama::without_adapters`]).
     fn snapshot(&self) -> Result<Self> {
+        let model = if self.model.is_frozen() {
+            self.model.without_adapters()
+        } else {
+            self.model.snapshot()?
+        };
         Ok(Self {
-            model: self.model.snapshot()?,
+            model,
             tokenizer: self.tokenizer.clone(),
+            tokenizer_config: self.tokenizer_config.clone(),
             sampling: self.sampling.clone(),
             entropy: self.entropy,
         })

@@ -86,6 +86,10 @@ impl Llama {
         if prompts.is_empty() || n == 0 {
             return Ok(Vec::new());
         }
+        if self.has_adapters() {
+            // LoRA: merge once, then decode exactly as the plain model does.
+            return self.merged_shared()?.generate(prompts, n, cfg, rng);
+        }
         self.check_ids("prompts", prompts)?;
         let stop = cfg
             .stop_tokens

@@ -68,42 +68,54 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // A frozen input (no var behind it, e.g. a LoRA model's base weight or the tied
+        // embedding used as the LM head) gets no gradient: its GEMM is skipped.
+        let (need_x, need_w) = (x.track_op(), w.track_op());
         let (out, inp) = w.dims2()?;
         let n = x.elem_count() / inp.max(1);
         let (dx, dw) = with_f32(x, "linear bwd", |xs| {
             with_f32(w, "linear bwd", |ws| {
                 with_f32(dy, "linear bwd", |d| {
-                    let mut dx = vec![0f32; n * inp];
-                    // dx (n, in) = dy (n, out) · w (out, in).
-                    gemm(
-                        n,
-                        inp,
-                        out,
-                        &mut dx,
-                        inp,
-                        (d, out, 1),
-                        (ws, inp, 1),
-                        false,
-                        threads(),
-                    );
-                    let mut dw = vec![0f32; out * inp];
-                    // dw (out, in) = dyᵀ (out, n) · x (n, in); dyᵀ[j][r] = dy[r·out + j].
-                    gemm(
-                        out,
-                        inp,
-                        n,
-                        &mut dw,
-                        inp,
-                        (d, 1, out),
-                        (xs, inp, 1),
-                        false,
-                        threads(),
-                    );
+                    let dx = need_x.then(|| {
+                        let mut dx = vec![0f32; n * inp];
+                        // dx (n, in) = dy (n, out) · w (out, in).
+                        gemm(
+                            n,
+                            inp,
+                            out,
+                            &mut dx,
+                            inp,
+                            (d, out, 1),
+                            (ws, inp, 1),
+                            false,
+                            threads(),
+                        );
+                        dx
+                    });
+                    let dw = need_w.then(|| {
+                        let mut dw = vec![0f32; out * inp];
+                        // dw (out, in) = dyᵀ (out, n) · x (n, in); dyᵀ[j][r] = dy[r·out + j].
+                        gemm(
+                            out,
+                            inp,
+                            n,
+                            &mut dw,
+                            inp,
+                            (d, 1, out),
+                            (xs, inp, 1),
+                            false,
+                            threads(),
+                        );
+                        dw
+                    });
                     Ok((dx, dw))
                 })
             })
         })?;
-        Ok((Some(tensor_like(dx, x)?), Some(tensor_like(dw, w)?)))
+        Ok((
+            dx.map(|g| tensor_like(g, x)).transpose()?,
+            dw.map(|g| tensor_like(g, w)).transpose()?,
+        ))
     }
 }
 

@@ -17,7 +17,7 @@
 //! | [`swiglu`] | `silu(gate) * up` (2 nodes) | the same |
 //! | [`linear`] | `x.matmul(w.t())` (2 nodes, a strided gradient copy) | the same |
 //! | [`log_softmax_gather`] | `log_softmax` + `gather` (the `(N, V)` log-probs kept twice) | the same |
-//! | [`decoder_block`] | a whole Llama block (≈15 nodes of the kernels above) | the per-op path (`tests/kernels.rs`) |
+//! | [`decoder_block`] | a whole Llama block (≈15 nodes of the kernels above), with optional LoRA adapters | the per-op path (`tests/kernels.rs`, `tests/lora.rs`) |
 //!
 //! **Devices and dtypes.** The fused kernels run on the CPU in `f32`. Every public function
 //! here checks its inputs and falls back to the differentiable composition of candle ops for
@@ -26,6 +26,7 @@
 
 mod attention;
 mod block;
+pub(crate) mod dropout;
 mod linear;
 mod log_softmax_gather;
 mod rms_norm;
@@ -35,7 +36,8 @@ mod softmax;
 mod swiglu;
 
 pub use attention::attention;
-pub use block::{decoder_block, BlockShape, BlockWeights};
+pub use block::{decoder_block, BlockLora, BlockShape, BlockWeights, PROJECTIONS};
+pub use dropout::Dropout;
 pub use linear::linear;
 pub use log_softmax_gather::{entropy_last_dim, log_softmax_gather};
 pub use rms_norm::rms_norm;
