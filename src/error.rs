@@ -117,8 +117,13 @@ pub enum Error {
     /// ```text
     /// invalid reward history: group "formal": mean is not finite
     /// ```
-    #[error("invalid reward history: {0}")]
-    InvalidHistory(String),
+    #[error("invalid reward history: {}{reason}", group.as_ref().map(|g| format!("group {g:?}: ")).unwrap_or_default())]
+    InvalidHistory {
+        /// The group whose statistics are wrong, when the problem is one group's.
+        group: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
 
     /// A serialized format has a version this build cannot read.
     ///
@@ -163,8 +168,14 @@ pub enum Error {
     /// ```text
     /// distributed: rank 1 failed during the rollout: reward function failed: judge timed out
     /// ```
-    #[error("distributed: {0}")]
-    Distributed(String),
+    #[error("distributed: {reason}")]
+    Distributed {
+        /// The rank the failure is about (the one that failed, sent a malformed message or
+        /// disagrees with rank 0; the first of several), when there is one.
+        rank: Option<usize>,
+        /// What went wrong.
+        reason: String,
+    },
 
     /// A model file is missing, malformed or does not match its config.
     ///
@@ -421,3 +432,29 @@ macro_rules! bail_config {
     };
 }
 pub(crate) use bail_config;
+
+impl Error {
+    /// [`Error::Distributed`] about no rank in particular.
+    pub(crate) fn distributed(reason: impl Into<String>) -> Self {
+        Error::Distributed {
+            rank: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// [`Error::Distributed`] about rank `rank`.
+    pub(crate) fn distributed_rank(rank: usize, reason: impl Into<String>) -> Self {
+        Error::Distributed {
+            rank: Some(rank),
+            reason: reason.into(),
+        }
+    }
+
+    /// [`Error::InvalidHistory`] about the store as a whole.
+    pub(crate) fn invalid_history(reason: impl Into<String>) -> Self {
+        Error::InvalidHistory {
+            group: None,
+            reason: reason.into(),
+        }
+    }
+}

@@ -470,7 +470,7 @@ fn apply_rejects_deltas_for_other_keys_or_kinds() {
     let mut other = RewardHistory::new(HistoryKind::Window { size: 3 }).unwrap();
     assert!(matches!(
         other.apply(&b.keys, adv.deltas.clone()),
-        Err(Error::InvalidHistory(_))
+        Err(Error::InvalidHistory { .. })
     ));
     let mut same = h.clone();
     assert!(matches!(

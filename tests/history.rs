@@ -394,7 +394,7 @@ fn merge_of_different_kinds_is_an_error() {
         let mut b = RewardHistory::new(other).unwrap();
         b.update("g", &[2.0]).unwrap();
         let before = a.clone();
-        assert!(matches!(a.merge(&b), Err(Error::InvalidHistory(_))));
+        assert!(matches!(a.merge(&b), Err(Error::InvalidHistory { .. })));
         assert_eq!(a, before, "a failed merge changes nothing");
     }
 }
@@ -532,7 +532,12 @@ fn malformed_json_is_a_typed_error() {
     let cum = populated(HistoryKind::Cumulative);
     let win = populated(HistoryKind::Window { size: 4 });
     let json_err = |s: &str| matches!(RewardHistory::from_json(s), Err(Error::Json(_)));
-    let invalid = |s: &str| matches!(RewardHistory::from_json(s), Err(Error::InvalidHistory(_)));
+    let invalid = |s: &str| {
+        matches!(
+            RewardHistory::from_json(s),
+            Err(Error::InvalidHistory { .. })
+        )
+    };
     let g0 = |v: &mut Value| v["groups"][0].clone();
 
     // Not JSON, or not this shape: serde errors.

@@ -481,6 +481,7 @@ fn vars_and_trainer_checkpoints_hold_only_adapters() {
     assert_eq!(shapes, sorted_want);
     assert!(!path.join("reference.safetensors").exists());
     // Resume onto a fresh LoRA policy over the same base, and step on.
+    let lora_for_kl = lora.clone();
     let fresh = lora_policy(30, lora);
     let mut resumed = Trainer::resume(&path, fresh, spread).unwrap();
     for (a, b) in resumed.policy().vars().iter().zip(trainer.policy().vars()) {
@@ -496,6 +497,13 @@ fn vars_and_trainer_checkpoints_hold_only_adapters() {
     let r =
         candle_core::safetensors::load(path.join("reference.safetensors"), &Device::Cpu).unwrap();
     assert!(r.is_empty(), "the reference should hold no tensors");
+    // ... and resumes: the reference is the fresh policy's base with adapters off.
+    let mut kl = kl;
+    let next = kl.step(&prompts()).unwrap();
+    let fresh = lora_policy(30, lora_for_kl.clone());
+    let mut resumed = Trainer::resume(&path, fresh, spread).unwrap();
+    assert!(resumed.reference().unwrap().vars().is_empty());
+    assert_eq!(resumed.step(&prompts()).unwrap().values, next.values);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&kl_dir);
 }

@@ -380,7 +380,9 @@ impl Checkpoint {
     /// does not fit.
     pub fn check_weights(&self, vars: &[Var]) -> Result<()> {
         check_vars(&self.weights, vars, &self.file(files::MODEL))?;
-        if let Some(r) = &self.reference {
+        // An empty reference belongs to a policy whose reference trains nothing (LoRA: the
+        // base with adapters off); the trainer checks it against the policy's snapshot.
+        if let Some(r) = self.reference.as_ref().filter(|r| !r.is_empty()) {
             check_vars(r, vars, &self.file(files::REFERENCE))?;
         }
         Ok(())
@@ -484,7 +486,8 @@ fn load_weights(ck: &Files<'_>, device: &Device) -> Result<Vec<Tensor>> {
     Ok(weights)
 }
 
-/// The reference weights: present exactly when the config has `beta > 0`, and like the model's.
+/// The reference weights: present exactly when the config has `beta > 0`, and like the model's
+/// (or empty, for a policy whose reference has no trainable weights).
 fn load_reference(
     ck: &Files<'_>,
     config: &TrainerConfig,
@@ -495,7 +498,12 @@ fn load_reference(
     match (ck.get(files::REFERENCE), config.objective.beta > 0.0) {
         (Some(bytes), true) => {
             let r = tensors::decode_vars(bytes, &p, device)?;
-            check_like(&r, weights, &p, "the model's")?;
+            // A reference with no trainable weights (a LoRA policy's: the frozen base with
+            // the adapters off) holds no tensor; any other must be like the model's. The
+            // trainer checks it against the policy's snapshot either way.
+            if !r.is_empty() {
+                check_like(&r, weights, &p, "the model's")?;
+            }
             Ok(Some(r))
         }
         (None, false) => Ok(None),

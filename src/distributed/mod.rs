@@ -206,9 +206,10 @@ pub trait Collective {
         if differ.is_empty() {
             Ok(())
         } else {
-            Err(Error::Distributed(format!(
-                "ranks {differ:?} disagree with rank 0 on {what}"
-            )))
+            Err(Error::Distributed {
+                rank: differ.first().copied(),
+                reason: format!("ranks {differ:?} disagree with rank 0 on {what}"),
+            })
         }
     }
 
@@ -223,11 +224,10 @@ pub trait Collective {
         let mut out = vec![0.0; local.len()];
         for (r, v) in all.iter().enumerate() {
             if v.len() != out.len() {
-                return Err(Error::Distributed(format!(
-                    "sum of {} values: rank {r} sent {}",
-                    out.len(),
-                    v.len()
-                )));
+                return Err(Error::distributed_rank(
+                    r,
+                    format!("sum of {} values: rank {r} sent {}", out.len(), v.len()),
+                ));
             }
             for (o, x) in out.iter_mut().zip(v) {
                 *o += x;
@@ -270,7 +270,7 @@ pub trait Collective {
     ) -> Result<()> {
         let all = all_gather_deltas(self, keys, deltas)?;
         if let Some(r) = all.iter().position(|(_, d)| d.kind() != history.kind()) {
-            return Err(Error::InvalidHistory(format!(
+            return Err(Error::invalid_history(format!(
                 "rank {r} computed its batch statistics for a {:?} history, this one is {:?}",
                 all[r].1.kind(),
                 history.kind()
@@ -434,7 +434,7 @@ fn check_root(root: usize, world: usize) -> Result<()> {
     if root < world {
         Ok(())
     } else {
-        Err(Error::Distributed(format!(
+        Err(Error::distributed(format!(
             "root rank {root} does not exist (world of {world})"
         )))
     }

@@ -48,9 +48,9 @@ impl Mpi {
     /// [`Mpi::from_communicator`] then) or does not provide `MPI_THREAD_FUNNELED`.
     pub fn init() -> Result<Self> {
         let (universe, level) = ::mpi::initialize_with_threading(Threading::Funneled)
-            .ok_or_else(|| Error::Distributed("MPI was already initialised".into()))?;
+            .ok_or_else(|| Error::distributed("MPI was already initialised"))?;
         if level < Threading::Funneled {
-            return Err(Error::Distributed(format!(
+            return Err(Error::distributed(format!(
                 "the MPI library provides thread level {level:?}, pgrpo needs Funneled"
             )));
         }
@@ -96,7 +96,7 @@ impl Mpi {
 /// `len` as an MPI count, or an error naming the operation.
 fn count(len: usize, what: &str) -> Result<Count> {
     Count::try_from(len).map_err(|_| {
-        Error::Distributed(format!(
+        Error::distributed(format!(
             "{what}: {len} elements exceed MPI's count limit ({}); use smaller buckets",
             Count::MAX
         ))

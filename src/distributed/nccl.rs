@@ -49,7 +49,7 @@ impl std::fmt::Debug for Nccl {
 }
 
 fn nccl_error(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Distributed(format!("NCCL {what}: {e:?}"))
+    Error::distributed(format!("NCCL {what}: {e:?}"))
 }
 
 impl Nccl {
@@ -61,7 +61,7 @@ impl Nccl {
     pub fn new(mpi: Mpi, device: &Device) -> Result<Self> {
         let cuda = device
             .as_cuda_device()
-            .map_err(|_| Error::Distributed(format!("Nccl needs a CUDA device, got {device:?}")))?;
+            .map_err(|_| Error::distributed(format!("Nccl needs a CUDA device, got {device:?}")))?;
         // Rank 0 makes the id; MPI carries its 128 bytes to the others. An error on rank 0
         // travels as an all-zero id and is reported by every rank.
         let mut bytes = [0u8; 128];
@@ -77,8 +77,8 @@ impl Nccl {
         mpi.broadcast_bytes(&mut bytes, 0)?;
         made.map_err(|e| nccl_error("unique id", e))?;
         if bytes.iter().all(|&b| b == 0) {
-            return Err(Error::Distributed(
-                "rank 0 could not create the NCCL unique id".into(),
+            return Err(Error::distributed(
+                "rank 0 could not create the NCCL unique id",
             ));
         }
         let id = Id::uninit(bytes.map(|b| b as c_char));

@@ -90,10 +90,13 @@ pub(crate) fn exchange_rewards<C: Collective + ?Sized, T>(
     for (r, m) in all.iter().enumerate() {
         let m = wire::decode_rollout(m).ok_or_else(|| wire::bad_message(r, &"rollout"))?;
         if m.batch_fp != batch_fp && failure.is_none() {
-            failure = Some(Error::Distributed(format!(
-                "rank {r} was given another batch or is at another step than rank {rank} \
+            failure = Some(Error::distributed_rank(
+                r,
+                format!(
+                    "rank {r} was given another batch or is at another step than rank {rank} \
                  (every rank must step on the same global batch)"
-            )));
+                ),
+            ));
         }
         match m.rewards {
             Ok(rw) => {
@@ -107,9 +110,10 @@ pub(crate) fn exchange_rewards<C: Collective + ?Sized, T>(
                 global.extend(rw);
             }
             Err(msg) if r != rank && failure.is_none() => {
-                failure = Some(Error::Distributed(format!(
-                    "rank {r} failed during the rollout: {msg}"
-                )));
+                failure = Some(Error::distributed_rank(
+                    r,
+                    format!("rank {r} failed during the rollout: {msg}"),
+                ));
             }
             Err(_) => {}
         }
@@ -147,7 +151,10 @@ pub(crate) fn gather<C: Collective + ?Sized, T>(
             Ok(b) => bodies.push(b.to_vec()),
             Err(e) => {
                 if r != rank && failure.is_none() {
-                    failure = Some(Error::Distributed(format!("rank {r} failed {what}: {e}")));
+                    failure = Some(Error::distributed_rank(
+                        r,
+                        format!("rank {r} failed {what}: {e}"),
+                    ));
                 }
                 bodies.push(Vec::new());
             }
@@ -378,7 +385,7 @@ impl RankRewardStates {
         if v.get("kind").and_then(|k| k.as_str()) != Some(RANK_REWARD_STATES_KIND) {
             return Ok(None);
         }
-        let bad = |what: &str| Error::Distributed(format!("per-rank reward states: {what}"));
+        let bad = |what: &str| Error::distributed(format!("per-rank reward states: {what}"));
         let world = v
             .get("world")
             .and_then(|w| w.as_u64())
@@ -415,7 +422,7 @@ impl RankRewardStates {
     ) -> Result<()> {
         if self.world != world {
             if self.states.iter().any(Option::is_some) {
-                return Err(Error::Distributed(format!(
+                return Err(Error::distributed(format!(
                     "the checkpoint was written by {} ranks whose reward functions have state; \
                      resume it with {} ranks (this run has {world})",
                     self.world, self.world
@@ -568,8 +575,7 @@ mod tests {
         let e = gather(&Two, "computing its loss", Ok(()), |_| Vec::new()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            Error::Distributed("rank 1 failed computing its loss: the judge timed out".into())
-                .to_string()
+            Error::distributed("rank 1 failed computing its loss: the judge timed out").to_string()
         );
         // This rank's own error comes first.
         let own = gather(&Two, "x", Err::<(), _>(Error::Empty("mine")), |_| {

@@ -77,7 +77,7 @@ pub(crate) fn hash_key(h: &mut Fnv64, key: &GroupKey) {
 }
 
 pub(crate) fn bad_message(rank: usize, what: &dyn std::fmt::Display) -> Error {
-    Error::Distributed(format!("malformed message from rank {rank}: {what}"))
+    Error::distributed_rank(rank, format!("malformed message from rank {rank}: {what}"))
 }
 
 /// `bytes` as little-endian `f64`s, `None` if the length is not a multiple of 8.

@@ -216,9 +216,9 @@ impl BatchDeltas {
     pub(crate) fn check(&self) -> Result<()> {
         self.kind
             .validate()
-            .map_err(|e| Error::InvalidHistory(format!("batch deltas kind: {e}")))?;
+            .map_err(|e| Error::invalid_history(format!("batch deltas kind: {e}")))?;
         if let Some(i) = self.deltas.iter().position(|g| !g.is_consistent(self.kind)) {
-            return Err(Error::InvalidHistory(format!(
+            return Err(Error::invalid_history(format!(
                 "batch deltas: group {i} holds inconsistent statistics"
             )));
         }
@@ -244,7 +244,7 @@ impl RewardHistory {
             });
         }
         if deltas.kind != self.kind() {
-            return Err(Error::InvalidHistory(format!(
+            return Err(Error::invalid_history(format!(
                 "batch statistics were computed for a {:?} history, this one is {:?}",
                 deltas.kind,
                 self.kind()

@@ -80,7 +80,7 @@ impl RewardHistory {
 
     fn from_serde(s: HistorySerde) -> Result<Self> {
         if s.format != FORMAT_NAME {
-            return Err(Error::InvalidHistory(format!(
+            return Err(Error::invalid_history(format!(
                 "format is {:?}, expected {FORMAT_NAME:?}",
                 s.format
             )));
@@ -94,11 +94,12 @@ impl RewardHistory {
         }
         s.kind
             .validate()
-            .map_err(|e| Error::InvalidHistory(format!("kind: {e}")))?;
+            .map_err(|e| Error::invalid_history(format!("kind: {e}")))?;
         let mut h = RewardHistory::new(s.kind)?;
         for g in s.groups {
-            let bad = |what: String| {
-                Error::InvalidHistory(format!("group {:?}: {what}", g.key.to_string()))
+            let bad = |what: String| Error::InvalidHistory {
+                group: Some(g.key.to_string()),
+                reason: what,
             };
             if !g.mean.is_finite() {
                 return Err(bad("mean is not finite".into()));

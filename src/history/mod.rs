@@ -438,7 +438,7 @@ impl RewardHistory {
     /// [`Error::InvalidHistory`] if the kinds differ.
     pub fn merge(&mut self, later: &RewardHistory) -> Result<()> {
         if self.kind != later.kind {
-            return Err(Error::InvalidHistory(format!(
+            return Err(Error::invalid_history(format!(
                 "cannot merge a {:?} history into a {:?} history",
                 later.kind, self.kind
             )));
