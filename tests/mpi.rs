@@ -13,7 +13,7 @@
 //!   largest component), and is bit-identical across ranks;
 //! - after several steps the parameters are bit-identical on every rank and equal to a
 //!   one-process run's to float tolerance, and so are the metrics;
-//! - `Collective::merge_batch_deltas` (each rank folds all ranks' batch statistics in rank
+//! - `distributed::merge_batch_deltas` (each rank folds all ranks' batch statistics in rank
 //!   order) equals the pooled history of one process, bit-identical across ranks;
 //! - a checkpoint written by rank 0 resumes exactly with the same number of ranks (with a
 //!   reward function whose state differs per rank);
@@ -451,7 +451,7 @@ fn primitives(c: &Mpi) {
     c.all_reduce_sum_f32(&mut f).unwrap();
     let n = world as f32;
     assert_eq!(f, [n * (n - 1.0) / 2.0 + 0.5 * n, n]);
-    let s = c.sum_f64(&[0.1 * (rank as f64 + 1.0)]).unwrap();
+    let s = pgrpo::distributed::sum_f64(&c, &[0.1 * (rank as f64 + 1.0)]).unwrap();
     let want = (0..world).fold(0.0, |acc, r| acc + 0.1 * (r as f64 + 1.0));
     assert_eq!(s[0].to_bits(), want.to_bits());
     c.check_same("a constant", b"same").unwrap();
@@ -666,8 +666,7 @@ fn merged_history_matches(c: &Mpi, kind: HistoryKind) {
             &merged,
         )
         .unwrap();
-        c.merge_batch_deltas(&mut merged, &keys, &adv.deltas)
-            .unwrap();
+        pgrpo::distributed::merge_batch_deltas(&c, &mut merged, &keys, &adv.deltas).unwrap();
     }
     c.check_same("the merged history", merged.to_json().unwrap().as_bytes())
         .unwrap();

@@ -95,11 +95,11 @@ pub const DEFAULT_BUCKET_ELEMS: usize = 1 << 24;
 /// - **Hooks** a transport may override: the gradient all-reduce and the weight broadcast
 ///   (the NCCL one keeps them on the GPU; the default goes through host memory) and the
 ///   bucket size they use.
-/// - **Built on the primitives**, not meant to be overridden: [`is_root`](Self::is_root),
-///   [`check_same`](Self::check_same), [`sum_f64`](Self::sum_f64) and
-///   [`merge_batch_deltas`](Self::merge_batch_deltas). The trainer needs the first two; the
-///   last two are for loops of your own, along with the free functions
-///   [`all_gather_f64`] and [`all_gather_deltas`].
+/// - **Built on the primitives**, not meant to be overridden: [`is_root`](Self::is_root) and
+///   [`check_same`](Self::check_same), both used by the trainer.
+///
+/// For loops of your own, free functions build on any `Collective`: [`all_gather_f64`],
+/// [`sum_f64`], [`all_gather_deltas`] and [`merge_batch_deltas`].
 ///
 /// Every operation is **collective**: each rank must call it, in the same order, with
 /// matching sizes. Every result is the same, bit for bit, on every rank: sums of `f64`
@@ -115,7 +115,6 @@ pub const DEFAULT_BUCKET_ELEMS: usize = 1 << 24;
 /// let mut g = [1.0f32, 2.0];
 /// c.all_reduce_sum_f32(&mut g)?; // one rank: unchanged
 /// assert_eq!(g, [1.0, 2.0]);
-/// assert_eq!(c.sum_f64(&[0.5, 1.5])?, vec![0.5, 1.5]);
 /// # Ok::<(), pgrpo::Error>(())
 /// ```
 pub trait Collective {
@@ -212,75 +211,6 @@ pub trait Collective {
             })
         }
     }
-
-    /// Element-wise sum over ranks of `local` (the same length on every rank), added in rank
-    /// order on every rank, so the result is bit-identical everywhere and does not depend on
-    /// the MPI library: for metrics and normalisers.
-    ///
-    /// # Errors
-    /// As [`all_gather_f64`]; [`Error::Distributed`] when the lengths differ between ranks.
-    fn sum_f64(&self, local: &[f64]) -> Result<Vec<f64>> {
-        let all = all_gather_f64(self, local)?;
-        let mut out = vec![0.0; local.len()];
-        for (r, v) in all.iter().enumerate() {
-            if v.len() != out.len() {
-                return Err(Error::distributed_rank(
-                    r,
-                    format!("sum of {} values: rank {r} sent {}", out.len(), v.len()),
-                ));
-            }
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += x;
-            }
-        }
-        Ok(out)
-    }
-
-    /// All-gathers every rank's batch statistics and folds them into `history` in rank order
-    /// (Chan et al.'s parallel formula, [`RewardHistory::apply`]), so that every rank ends
-    /// with the same history, bit for bit. It equals the history of one process that saw all
-    /// the rows up to rounding (exactly for a window history); the rows of later ranks count
-    /// as newer for exponential and window histories.
-    ///
-    /// ```
-    /// use pgrpo::distributed::{Collective, SingleProcess};
-    /// use pgrpo::{AdvantageConfig, GroupKey, RewardHistory, RolloutRewards};
-    /// let keys: Vec<GroupKey> = vec!["a".into()];
-    /// let batch = RolloutRewards {
-    ///     rewards: &[1.0, 0.0],
-    ///     prompt_ids: &[0, 0],
-    ///     group_ids: &[0, 0],
-    ///     group_keys: &keys,
-    /// };
-    /// let mut history = RewardHistory::default();
-    /// let adv = AdvantageConfig::default().compute(&batch, &history)?;
-    /// SingleProcess.merge_batch_deltas(&mut history, &keys, &adv.deltas)?;
-    /// assert_eq!(history.stats(&"a".into()).unwrap().n, 2);
-    /// # Ok::<(), pgrpo::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`all_gather_deltas`]; [`Error::InvalidHistory`] when a rank's statistics were
-    /// computed for another history kind (checked for every rank before anything is folded).
-    fn merge_batch_deltas(
-        &self,
-        history: &mut RewardHistory,
-        keys: &[GroupKey],
-        deltas: &BatchDeltas,
-    ) -> Result<()> {
-        let all = all_gather_deltas(self, keys, deltas)?;
-        if let Some(r) = all.iter().position(|(_, d)| d.kind() != history.kind()) {
-            return Err(Error::invalid_history(format!(
-                "rank {r} computed its batch statistics for a {:?} history, this one is {:?}",
-                all[r].1.kind(),
-                history.kind()
-            )));
-        }
-        for (k, d) in all {
-            history.apply(&k, d)?;
-        }
-        Ok(())
-    }
 }
 
 /// One process: rank 0 of 1. Every operation leaves its input as it is. The default
@@ -352,6 +282,75 @@ impl<C: Collective + ?Sized> Collective for &C {
     }
 }
 
+/// Element-wise sum over ranks of `local` (the same length on every rank), added in rank
+/// order on every rank, so the result is bit-identical everywhere and does not depend on
+/// the MPI library: for metrics and normalisers. Collective.
+///
+/// # Errors
+/// As [`all_gather_f64`]; [`Error::Distributed`] when the lengths differ between ranks.
+pub fn sum_f64<C: Collective + ?Sized>(comm: &C, local: &[f64]) -> Result<Vec<f64>> {
+    let all = all_gather_f64(comm, local)?;
+    let mut out = vec![0.0; local.len()];
+    for (r, v) in all.iter().enumerate() {
+        if v.len() != out.len() {
+            return Err(Error::distributed_rank(
+                r,
+                format!("sum of {} values: rank {r} sent {}", out.len(), v.len()),
+            ));
+        }
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += x;
+        }
+    }
+    Ok(out)
+}
+
+/// All-gathers every rank's batch statistics and folds them into `history` in rank order
+/// (Chan et al.'s parallel formula, [`RewardHistory::apply`]), so that every rank ends
+/// with the same history, bit for bit. It equals the history of one process that saw all
+/// the rows up to rounding (exactly for a window history); the rows of later ranks count
+/// as newer for exponential and window histories.
+///
+/// ```
+/// use pgrpo::distributed::{merge_batch_deltas, SingleProcess};
+/// use pgrpo::{AdvantageConfig, GroupKey, RewardHistory, RolloutRewards};
+/// let keys: Vec<GroupKey> = vec!["a".into()];
+/// let batch = RolloutRewards {
+///     rewards: &[1.0, 0.0],
+///     prompt_ids: &[0, 0],
+///     group_ids: &[0, 0],
+///     group_keys: &keys,
+/// };
+/// let mut history = RewardHistory::default();
+/// let adv = AdvantageConfig::default().compute(&batch, &history)?;
+/// merge_batch_deltas(&SingleProcess, &mut history, &keys, &adv.deltas)?;
+/// assert_eq!(history.stats(&"a".into()).unwrap().n, 2);
+/// # Ok::<(), pgrpo::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`all_gather_deltas`]; [`Error::InvalidHistory`] when a rank's statistics were
+/// computed for another history kind (checked for every rank before anything is folded).
+pub fn merge_batch_deltas<C: Collective + ?Sized>(
+    comm: &C,
+    history: &mut RewardHistory,
+    keys: &[GroupKey],
+    deltas: &BatchDeltas,
+) -> Result<()> {
+    let all = all_gather_deltas(comm, keys, deltas)?;
+    if let Some(r) = all.iter().position(|(_, d)| d.kind() != history.kind()) {
+        return Err(Error::invalid_history(format!(
+            "rank {r} computed its batch statistics for a {:?} history, this one is {:?}",
+            all[r].1.kind(),
+            history.kind()
+        )));
+    }
+    for (k, d) in all {
+        history.apply(&k, d)?;
+    }
+    Ok(())
+}
+
 /// Every rank's `local` values, in rank order (the lengths may differ). Collective.
 ///
 /// ```
@@ -374,7 +373,7 @@ pub fn all_gather_f64<C: Collective + ?Sized>(comm: &C, local: &[f64]) -> Result
 /// Every rank's batch statistics with their group keys, in rank order: for loops where each
 /// rank sees only its own rows (the trainer does not need it: it all-gathers the rewards, see
 /// the [module docs](self)). Each message is checked as [`BatchDeltas::from_json`] checks.
-/// Collective; [`Collective::merge_batch_deltas`] folds the result into a history.
+/// Collective; [`merge_batch_deltas`] folds the result into a history.
 ///
 /// # Errors
 /// [`Error::LengthMismatch`] if `keys` and `deltas` differ in length; [`Error::Distributed`]
@@ -477,7 +476,7 @@ mod tests {
             all_gather_f64(&c, &[0.1, f64::MAX])?,
             vec![vec![0.1, f64::MAX]]
         );
-        assert_eq!(c.sum_f64(&[0.1, 0.2])?, vec![0.1, 0.2]);
+        assert_eq!(sum_f64(&c, &[0.1, 0.2])?, vec![0.1, 0.2]);
         c.check_same("anything", b"abc")?;
         c.barrier()?;
 

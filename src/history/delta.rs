@@ -131,7 +131,7 @@ impl GroupDelta {
 /// They serialize (serde, and [`to_json`](Self::to_json)/[`from_json`](Self::from_json)
 /// with every `f64` read back to the same bits), so that data-parallel workers can exchange
 /// them and fold each other's batches into their histories
-/// ([`Collective::merge_batch_deltas`](crate::distributed::Collective::merge_batch_deltas)).
+/// ([`merge_batch_deltas`](crate::distributed::merge_batch_deltas)).
 ///
 /// ```
 /// use pgrpo::history::BatchDeltas;
