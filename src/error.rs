@@ -112,6 +112,21 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    /// An input tensor has the right shape but values outside its domain (a negative or NaN
+    /// mask weight, a NaN entropy, an entropy that carries no gradient where one is needed).
+    /// Data, not configuration: [`InvalidConfig`](Self::InvalidConfig) is for config fields.
+    ///
+    /// ```text
+    /// invalid input `mask`: 2 entries are negative or not finite (smallest -1); the mask holds 1 for completion tokens, 0 for padding, or non-negative token weights
+    /// ```
+    #[error("invalid input `{what}`: {reason}")]
+    InvalidInput {
+        /// The input, e.g. `mask` or `entropy`.
+        what: &'static str,
+        /// What is wrong with its values.
+        reason: String,
+    },
+
     /// Reward-history state (JSON, merge partner) is malformed or inconsistent.
     ///
     /// ```text

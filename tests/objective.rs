@@ -279,6 +279,8 @@ impl Batch {
             ref_logp: with_ref.then_some(&self.reference),
             mask: &self.mask,
             advantages: &self.adv,
+            entropy: None,
+            row_mask: None,
         }
     }
 
@@ -626,6 +628,8 @@ fn on_policy(
         ref_logp: None,
         mask,
         advantages: adv,
+        entropy: None,
+        row_mask: None,
     };
     run_inputs(cfg, &inputs, logp)
 }
@@ -918,6 +922,8 @@ fn gradient_flows_only_into_logp_and_never_into_padding() -> Result<()> {
             ref_logp: Some(reference.as_tensor()),
             mask: mask.as_tensor(),
             advantages: adv.as_tensor(),
+            entropy: None,
+            row_mask: None,
         };
         for cfg in golden_cases().into_iter().map(|c| c.cfg) {
             let out = clipped_objective(&cfg, &inputs)?;
@@ -1077,6 +1083,8 @@ fn other_dtypes_are_converted_to_logp_dtype() -> Result<()> {
             ref_logp: None,
             mask: &mask,
             advantages: &adv,
+            entropy: None,
+            row_mask: None,
         };
         let (out, grad) = run_inputs(&ObjectiveConfig::default(), &inputs, &logp)?;
         assert_eq!(out.loss.dtype(), DType::F64);
@@ -1234,6 +1242,8 @@ fn missing_reference_empty_mask_and_bad_config_are_typed_errors() -> Result<()> 
             ref_logp: None,
             mask: &e,
             advantages: &a,
+            entropy: None,
+            row_mask: None,
         };
         let r = clipped_objective(&ObjectiveConfig::default(), &inputs);
         assert!(

@@ -70,6 +70,8 @@ where
                 ref_logp: rollout.reference.as_ref(),
                 mask: &mask,
                 advantages: &advantages,
+                entropy: None,
+                row_mask: None,
             },
         )
     }
