@@ -50,7 +50,7 @@
 //! |---|---|---|
 //! | core | [`advantage`] | rewards (+ history) → advantages: one small function per estimator, pure |
 //! | core | [`history`] | per-group reward statistics kept across steps ([`RewardHistory`]): the state P-GRPO adds |
-//! | core | [`objective`] | the clipped surrogate loss over `(B, T)` log-probs, written as in the papers |
+//! | core | [`objective`] | the policy-gradient loss over `(B, T)` log-probs (PPO clip, CISPO, SAPO), written as in the papers |
 //! | core | [`policy`], [`reward`] | the [`Policy`] trait a model implements; [`RewardFn`] |
 //! | training | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
 //! | training | [`config`], [`optim`], [`rng`] | [`TrainerConfig`]; AdamW and schedules; each step's sampling generator |

@@ -3,11 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 /// Diagnostics of one call, as plain numbers. All "fractions" and means are over completion
-/// tokens (`Σ m · x / N`), like TRL's `masked_batch_mean`.
+/// tokens (`Σ m · x / N`, over the rows that take part), like TRL's `masked_batch_mean`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct ObjectiveMetrics {
-    /// The aggregated clipped-surrogate part of the loss, `aggregate(−surr)`, without the KL
-    /// term (equals the loss when `beta = 0`).
+    /// The aggregated surrogate part of the loss, `aggregate(−keep · surr)`, without the KL
+    /// term and the entropy bonus (equals the loss when `beta = 0` and `entropy_coef = 0`).
     pub policy_loss: f64,
     /// Masked token mean of the chosen KL estimator between policy and reference; 0 when no
     /// `ref_logp` was given.
@@ -15,13 +15,15 @@ pub struct ObjectiveMetrics {
     /// Masked token mean of k3 between the sampling and the current policy,
     /// `(r − 1) − log r` with the token ratio `r = exp(logp − old_logp)`.
     pub approx_kl: f64,
-    /// Fraction of tokens with `ratio < 1 − eps_low` and `A < 0` (TRL `clip_ratio/low_mean`).
+    /// Fraction of tokens with `ratio < 1 − eps_low` and `A < 0` (TRL `clip_ratio/low_mean`);
+    /// 0 for CISPO and SAPO, which have no lower clip.
     pub clip_ratio_low: f64,
-    /// Fraction of tokens with `ratio > 1 + eps_high` and `A > 0` (TRL `clip_ratio/high_mean`).
+    /// Fraction of tokens with `ratio > 1 + eps_high` and `A > 0` (TRL `clip_ratio/high_mean`;
+    /// for CISPO TRL's `cispo_clip_ratio`); 0 for SAPO, which clips nothing.
     pub clip_ratio_high: f64,
     /// Fraction of tokens clipped either way (TRL `clip_ratio/region_mean`).
     pub clip_ratio_region: f64,
-    /// `N`, the number of completion tokens (the mask's sum).
+    /// `N`, the number of completion tokens (the mask's sum over the rows that take part).
     pub num_tokens: f64,
 }
 
