@@ -235,7 +235,9 @@ fn csv_reports_undeclared_metrics_instead_of_growing_the_header() {
             "group/b/reward_mean",
             "history/b/mean",
             "history/b/n",
-            "history/b/std"
+            "history/b/std",
+            "rewards/reward/mean",
+            "rewards/reward/std"
         ]
     );
     let text = String::from_utf8(sink.into_inner().unwrap()).unwrap();
