@@ -82,11 +82,7 @@ fn every_group_key_has_metric_names_of_its_own() {
     // The CSV sink's standard columns are distinct for these keys too (it refused them).
     let mut csv = CsvSink::standard(Vec::new(), &[], &keys).unwrap();
     csv.write(&m).unwrap();
-    assert!(
-        csv.dropped().iter().all(|n| n.starts_with("rewards/")),
-        "{:?}",
-        csv.dropped()
-    );
+    assert!(csv.dropped().is_empty(), "{:?}", csv.dropped());
 }
 
 struct Judge;

@@ -581,6 +581,61 @@ mod tests {
         assert_eq!(token_sums(&parts).0, 22.0);
     }
 
+    /// A rank's micro-batches merged into one part count in the batch as the micro-batches
+    /// themselves would: the same denominator, loss and metrics (gradient accumulation
+    /// composes with data parallelism).
+    #[test]
+    fn merged_micro_batches_count_as_their_parts() {
+        let no_tokens = RankPart {
+            rows: 1,
+            width: 2,
+            ..Default::default()
+        };
+        let micro = [part(2, 5.0, 4, 0.3), part(3, 9.0, 6, -0.2), no_tokens];
+        let other = part(4, 7.0, 5, 0.8);
+        for aggregation in LossAggregation::ALL {
+            for max_completion_len in [None, Some(8)] {
+                let cfg = ObjectiveConfig {
+                    aggregation,
+                    max_completion_len,
+                    ..Default::default()
+                };
+                let merged = merge_parts(&cfg, &micro);
+                assert_eq!((merged.rows, merged.width), (6, 6));
+                assert_eq!(merged.metrics.num_tokens, 14.0);
+                assert_eq!(merged.mask_sum, 5.0 + 1.0 + 9.0 + 1.0);
+                let flat = [
+                    micro[0].clone(),
+                    micro[1].clone(),
+                    micro[2].clone(),
+                    other.clone(),
+                ];
+                let by_micro = GlobalNorm::new(&cfg, &flat).unwrap();
+                let by_rank = GlobalNorm::new(&cfg, &[merged, other.clone()]).unwrap();
+                assert_eq!(by_micro.denominator(), by_rank.denominator());
+                let (a, b) = (
+                    by_micro.batch_loss(&flat),
+                    by_rank.batch_loss(&[merge_parts(&cfg, &micro), other.clone()]),
+                );
+                assert!((a.loss - b.loss).abs() < 1e-15, "{aggregation:?}");
+                for (x, y) in a.metrics.values().iter().zip(b.metrics.values()) {
+                    assert!((x - y).abs() < 1e-15, "{aggregation:?}: {x} vs {y}");
+                }
+            }
+        }
+        // Micro-batches without a loss make a part without one.
+        let none = merge_parts(&ObjectiveConfig::default(), &[no_tokens_part()]);
+        assert!(!none.has_loss && none.rows == 1);
+    }
+
+    fn no_tokens_part() -> RankPart {
+        RankPart {
+            rows: 1,
+            width: 3,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_failing_rank_is_named() {
         struct Two;
