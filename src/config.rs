@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::bail_config;
+use crate::metrics::GroupMetrics;
 use crate::optim::LrScheduler;
 use crate::{AdvantageConfig, Estimator, HistoryKind, ObjectiveConfig, Result};
 
@@ -30,10 +31,32 @@ pub struct TrainerConfig {
     /// Completions sampled per prompt, `G`. Default 8 (TRL `num_generations`; DeepSeekMath
     /// uses 64).
     pub num_generations: usize,
-    /// Optimizer updates per rollout batch, `μ` (TRL `num_iterations`, DeepSeekMath's μ).
-    /// With `μ > 1` the old log-probs come from the sampling policy and the ratio departs from
-    /// 1, so clipping matters. Default 1.
+    /// Passes over each rollout batch, `μ` (TRL `num_iterations`, DeepSeekMath's μ): each
+    /// pass makes [`optimizer_steps_per_generation`](Self::optimizer_steps_per_generation)
+    /// optimizer updates. With `μ > 1` the old log-probs come from the sampling policy and the
+    /// ratio departs from 1, so clipping matters. Default 1 (TRL, DeepSeekMath).
     pub num_iterations: usize,
+    /// Micro-batches whose gradients are summed into one optimizer update (TRL
+    /// `gradient_accumulation_steps`). A rank's rows of an update are cut into this many
+    /// contiguous micro-batches of (nearly) equal size, each one forward and backward pass, so
+    /// a step holds the activations of one micro-batch at a time instead of the whole batch's.
+    /// The accumulated gradient is the one-pass gradient (to `f32` rounding) for every
+    /// [`LossAggregation`](crate::LossAggregation): each micro-batch's loss counts with its
+    /// share of the whole update's denominator, as each rank's does in a data-parallel run.
+    /// TRL's micro-batch size `per_device_train_batch_size` has no field here: it is the
+    /// rows a rank holds divided by the micro-batches, `B · G / (world · steps_per_generation)`.
+    /// Default 1 (TRL): one pass.
+    pub gradient_accumulation_steps: usize,
+    /// Micro-batches per rollout batch, each rank's share of the batch cut into this many
+    /// (TRL `steps_per_generation`, which counts micro-batches, not optimizer steps): every
+    /// `gradient_accumulation_steps` of them make one optimizer update, so a rollout gives
+    /// `steps_per_generation / gradient_accumulation_steps` updates per pass (it must be a
+    /// multiple). `None` (default, TRL): equal to `gradient_accumulation_steps`, one update
+    /// per pass. Several updates per rollout need the sampling policy's log-probs, computed in
+    /// the rollout, as with `num_iterations > 1`. The slices are contiguous rows in batch
+    /// order (TRL shuffles the generation batch first: shuffle the prompts you pass if their
+    /// order means something).
+    pub steps_per_generation: Option<usize>,
     /// Peak learning rate. Default `1e-6` (TRL).
     pub learning_rate: f64,
     /// AdamW `β₁`. Default 0.9.
@@ -46,11 +69,18 @@ pub struct TrainerConfig {
     pub weight_decay: f64,
     /// Global-norm gradient clipping; `None` disables it. Default `Some(1.0)` (TRL).
     pub max_grad_norm: Option<f64>,
-    /// Linear warm-up steps. Default 0.
+    /// Linear warm-up steps (trainer steps). Must be below `max_steps` when that is set.
+    /// Default 0 (TRL).
     pub warmup_steps: u64,
-    /// Schedule after warm-up. Default constant.
+    /// Schedule after warm-up. Default constant; TRL's default is `linear`, which needs the
+    /// run's length (see [`LrScheduler::Constant`] for why ours is not).
     pub lr_scheduler: LrScheduler,
-    /// Step budget for decaying schedules; required by `linear` and `cosine`. Default `None`.
+    /// The run's step budget (TRL `max_steps`): the decaying schedules reach 0 there, and the
+    /// trainer refuses to step once `max_steps` steps are done
+    /// ([`Error::InvalidConfig`](crate::Error::InvalidConfig) naming `max_steps`; to go on,
+    /// raise it in the checkpoint's config and resume). Counted in trainer steps (one rollout
+    /// and its updates); TRL counts optimizer steps, the same when each rollout makes one
+    /// update. Required by `linear` and `cosine`. Default `None`: no budget.
     pub max_steps: Option<u64>,
     /// Seed of the run: step `s` samples with [`step_rng(seed, s)`](crate::rng::step_rng) (rank
     /// `r` of a data-parallel run with [`rank_step_rng(seed, s, r)`](crate::rng::rank_step_rng)).
@@ -67,6 +97,25 @@ pub struct TrainerConfig {
     pub history: HistoryKind,
     /// The clipped surrogate objective.
     pub objective: ObjectiveConfig,
+    /// Every `ref_model_sync_steps` steps, move the KL reference toward the policy:
+    /// `π_ref ← α · π_θ + (1 − α) · π_ref`, weight by weight (TR-DPO, Gorbatovski et al.
+    /// 2024; TRL `sync_ref_model`). Needs `objective.beta > 0` (without the KL term there is no
+    /// reference, TRL refuses it too) and a reference with weights of its own: a LoRA policy's
+    /// reference is the base model with the adapters off, sharing the frozen weights, and the
+    /// trainer refuses to build with it ([`Error::InvalidConfig`](crate::Error::InvalidConfig)
+    /// naming `sync_ref_model`; TRL refuses PEFT models likewise). Default false (TRL).
+    pub sync_ref_model: bool,
+    /// TR-DPO's `α`, the policy's weight in the mix, in `[0, 1]` (TRL
+    /// `ref_model_mixup_alpha`). Default 0.6 (TRL).
+    pub ref_model_mixup_alpha: f64,
+    /// TR-DPO's `τ`: the reference is mixed after every step whose number (1-based) is a
+    /// multiple of it (TRL `ref_model_sync_steps`; TRL counts optimizer steps, see
+    /// `max_steps`). Must be at least 1. Default 512 (TRL).
+    pub ref_model_sync_steps: u64,
+    /// Which per-group metrics a step reports (no TRL counterpart: TRL has no preference
+    /// groups). Default [`GroupMetrics::Bounded`] with `top_k = 16`: a handful of groups are
+    /// all reported, ten thousand are not all reported every step.
+    pub group_metrics: GroupMetrics,
 }
 
 impl Default for TrainerConfig {
@@ -74,6 +123,8 @@ impl Default for TrainerConfig {
         Self {
             num_generations: 8,
             num_iterations: 1,
+            gradient_accumulation_steps: 1,
+            steps_per_generation: None,
             learning_rate: 1e-6,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -88,11 +139,34 @@ impl Default for TrainerConfig {
             advantage: AdvantageConfig::default(),
             history: HistoryKind::Cumulative,
             objective: ObjectiveConfig::default(),
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
+            group_metrics: GroupMetrics::default(),
         }
     }
 }
 
 impl TrainerConfig {
+    /// Micro-batches per rollout batch: `steps_per_generation`, or
+    /// `gradient_accumulation_steps` when it is unset.
+    pub fn micro_batches_per_generation(&self) -> usize {
+        self.steps_per_generation
+            .unwrap_or(self.gradient_accumulation_steps)
+    }
+
+    /// Optimizer updates per pass over a rollout batch:
+    /// `steps_per_generation / gradient_accumulation_steps`.
+    pub fn optimizer_steps_per_generation(&self) -> usize {
+        self.micro_batches_per_generation() / self.gradient_accumulation_steps.max(1)
+    }
+
+    /// Optimizer updates per trainer step: `num_iterations` passes of
+    /// [`optimizer_steps_per_generation`](Self::optimizer_steps_per_generation).
+    pub fn optimizer_steps_per_step(&self) -> usize {
+        self.num_iterations * self.optimizer_steps_per_generation()
+    }
+
     /// Checks every field, naming the first invalid one.
     ///
     /// # Errors
@@ -111,6 +185,19 @@ impl TrainerConfig {
         }
         if self.num_iterations == 0 {
             bail_config!("num_iterations", "must be at least 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            bail_config!("gradient_accumulation_steps", "must be at least 1");
+        }
+        if let Some(s) = self.steps_per_generation {
+            if s == 0 || s % self.gradient_accumulation_steps != 0 {
+                bail_config!(
+                    "steps_per_generation",
+                    "must be a positive multiple of gradient_accumulation_steps = {} (every \
+                     optimizer update takes that many micro-batches), got {s}",
+                    self.gradient_accumulation_steps
+                );
+            }
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             bail_config!(
@@ -151,6 +238,32 @@ impl TrainerConfig {
         }
         if self.max_steps == Some(0) {
             bail_config!("max_steps", "must be at least 1");
+        }
+        if let Some(max) = self.max_steps {
+            if self.warmup_steps >= max {
+                bail_config!(
+                    "warmup_steps",
+                    "must be below max_steps = {max} (the warm-up would never end), got {}",
+                    self.warmup_steps
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            bail_config!(
+                "ref_model_mixup_alpha",
+                "must be in [0, 1], got {}",
+                self.ref_model_mixup_alpha
+            );
+        }
+        if self.ref_model_sync_steps == 0 {
+            bail_config!("ref_model_sync_steps", "must be at least 1");
+        }
+        if self.sync_ref_model && !self.objective.needs_reference() {
+            bail_config!(
+                "sync_ref_model",
+                "needs a reference policy, which only the KL term uses: set objective.beta > 0 \
+                 (with beta = 0 there is nothing to synchronise)"
+            );
         }
         if let HistoryKind::Window { size } = self.history {
             if self.advantage.estimator == Estimator::PGrpo

@@ -22,7 +22,9 @@
 //! Per-group metrics appear only once a group has been seen, so the set of names grows during
 //! a run. A CSV header cannot grow after the first row, so [`CsvSink`] takes its full column
 //! list when it is created ([`CsvSink::standard`] builds it from
-//! [`GLOBAL_NAMES`] and the preference groups you expect). A
+//! [`GLOBAL_NAMES`] and the preference groups you expect; a group's columns are named with its
+//! [`group_segment`](crate::metrics::group_segment), so `GroupKey::Id(3)` and `"3"` get columns
+//! of their own). A
 //! declared column with no value in a step is left empty. A metric that was not declared is
 //! not written; the sink lists it in [`CsvSink::dropped`] and logs a `tracing` warning the
 //! first time it sees it. [`JsonlSink`] has no such limit: every row carries every metric it
@@ -60,7 +62,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use crate::metrics::{group_names, GLOBAL_NAMES};
+use crate::metrics::{group_names, reward_names, GLOBAL_NAMES};
 use crate::{Error, GroupKey, Result, StepMetrics};
 
 /// Somewhere to put one row of metrics per training step.
@@ -306,8 +308,9 @@ impl<W: Write> CsvSink<W> {
         Ok(sink)
     }
 
-    /// A sink with the standard columns: [`GLOBAL_NAMES`] followed by the six
-    /// [`group_names`] of each group in `groups`.
+    /// A sink with the standard columns ([`standard_columns`]): [`GLOBAL_NAMES`], the
+    /// default-named reward function's two, then the six [`group_names`] of each group in
+    /// `groups`.
     ///
     /// # Errors
     /// As [`new`](Self::new).
@@ -335,12 +338,15 @@ impl<W: Write> CsvSink<W> {
     }
 }
 
-/// [`GLOBAL_NAMES`] followed by the [`group_names`] of each group: the columns of
-/// [`CsvSink::standard`].
+/// [`GLOBAL_NAMES`], the [`reward_names`] of a reward function with the default name
+/// (`rewards/reward/mean`, `rewards/reward/std`: a closure's), then the [`group_names`] of
+/// each group: the columns of [`CsvSink::standard`]. A reward function with another
+/// [`name`](crate::RewardFn::name) adds its own two: append `reward_names(name)`.
 pub fn standard_columns(groups: &[GroupKey]) -> Vec<String> {
     GLOBAL_NAMES
         .iter()
         .map(|s| (*s).to_owned())
+        .chain(reward_names("reward"))
         .chain(groups.iter().flat_map(group_names))
         .collect()
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Storage, Tensor};
 use pgrpo::lm::{Grad, Kernels, Llama, LlamaConfig, LmPolicy, LoraConfig, LoraTarget};
 use pgrpo::lm::{SamplingConfig, TokenIds};
-use pgrpo::{Error, GroupKey, GroupedPrompt, Policy, Trainer, TrainerConfig};
+use pgrpo::{Error, GroupKey, GroupedPrompt, LossAggregation, Policy, Trainer, TrainerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -431,6 +431,45 @@ fn base_weights_do_not_move_through_the_trainer() {
             .zip(&adapters_before)
         {
             assert_ne!(&bits(v.as_tensor()), b, "{name} did not move (beta {beta})");
+        }
+    }
+}
+
+/// TR-DPO's reference sync mixes the reference's weights toward the policy's; a LoRA
+/// policy's reference is its base with the adapters off, sharing the frozen weights, so there
+/// is nothing to mix: the trainer refuses it when built (TRL refuses PEFT models too), and
+/// accumulates a LoRA policy's gradients like any other.
+#[test]
+fn reference_sync_is_refused_for_lora_and_accumulation_works() {
+    let mut cfg = trainer_config(0.1);
+    cfg.sync_ref_model = true;
+    let err = Trainer::new(lora_policy(21, all_targets(4, 0.0)), spread, cfg)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::InvalidConfig { field: "sync_ref_model", reason } if reason.contains("LoRA")),
+        "{err}"
+    );
+    let grads = |ga: usize, aggregation: LossAggregation| -> Vec<f32> {
+        let mut cfg = trainer_config(0.1);
+        cfg.gradient_accumulation_steps = ga;
+        cfg.objective.aggregation = aggregation;
+        let mut t = Trainer::new(lora_policy(22, all_targets(4, 0.0)), spread, cfg).unwrap();
+        randomise_adapters(t.policy().model(), 5);
+        let batch = prompts();
+        let r = t.rollout(&batch).unwrap();
+        t.gradients(&r)
+            .unwrap()
+            .iter()
+            .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    for aggregation in LossAggregation::ALL {
+        let (one, acc) = (grads(1, aggregation), grads(3, aggregation));
+        let scale = one.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0);
+        for (a, b) in one.iter().zip(&acc) {
+            assert!((a - b).abs() <= 1e-5 * scale, "{aggregation:?}: {a} vs {b}");
         }
     }
 }

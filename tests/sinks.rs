@@ -197,7 +197,7 @@ fn csv_header_is_fixed_while_groups_appear_later() {
     drop(sink);
     let table = parse_csv(&std::fs::read_to_string(&path).unwrap());
     let header = &table[0];
-    assert_eq!(header.len(), 1 + 1 + GLOBAL_NAMES.len() + 2 * 6);
+    assert_eq!(header.len(), 1 + 1 + GLOBAL_NAMES.len() + 2 + 2 * 6);
     assert_eq!(&header[..3], &["estimator", "step", "reward"]);
     assert_eq!(table.len(), 1 + rows.len());
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();

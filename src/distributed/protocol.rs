@@ -254,10 +254,6 @@ pub(crate) struct BatchLoss {
     /// The loss the summed gradient is the gradient of.
     pub(crate) loss: f64,
     pub(crate) metrics: ObjectiveMetrics,
-    /// `Σ mask` over every rank's log-probs.
-    pub(crate) mask_sum: f64,
-    /// `Σ entropy · mask` over every rank, when the policy reports entropy.
-    pub(crate) entropy_sum: Option<f64>,
 }
 
 impl GlobalNorm {
@@ -283,13 +279,12 @@ impl GlobalNorm {
     /// whole batch's loss: its denominator over the whole batch's (`B_r / B`,
     /// `max(N_r, 1) / max(N, 1)`, `B_r · L_r / (B · L)`).
     pub(crate) fn weight(&self, p: &RankPart) -> f64 {
-        let agg = self.cfg.aggregation;
-        agg.denominator(
-            p.rows,
-            p.metrics.num_tokens,
-            p.width,
-            self.cfg.max_completion_len,
-        ) / self.den
+        own_denominator(&self.cfg, p) / self.den
+    }
+
+    /// The whole batch's denominator (`B`, `max(N, 1)` or `B · L`).
+    pub(crate) fn denominator(&self) -> f64 {
+        self.den
     }
 
     /// The whole batch's loss and metrics: the loss and the aggregated `policy_loss` weighted
@@ -303,16 +298,54 @@ impl GlobalNorm {
             loss += w * p.loss;
             metrics.add_part(&p.metrics, w, t);
         }
-        BatchLoss {
-            loss,
-            metrics,
-            mask_sum: rank_sum(parts.iter().map(|p| p.mask_sum)),
-            entropy_sum: parts
-                .iter()
-                .any(|p| p.entropy_sum.is_some())
-                .then(|| rank_sum(parts.iter().filter_map(|p| p.entropy_sum))),
-        }
+        BatchLoss { loss, metrics }
     }
+}
+
+/// What a part's loss was divided by: the aggregation's
+/// [denominator](crate::LossAggregation::denominator) of its own rows.
+pub(crate) fn own_denominator(cfg: &ObjectiveConfig, p: &RankPart) -> f64 {
+    cfg.aggregation.denominator(
+        p.rows,
+        p.metrics.num_tokens,
+        p.width,
+        cfg.max_completion_len,
+    )
+}
+
+/// `Σ mask` and, when some part reports entropy, `Σ entropy · mask` over `parts`.
+pub(crate) fn token_sums(parts: &[RankPart]) -> (f64, Option<f64>) {
+    (
+        rank_sum(parts.iter().map(|p| p.mask_sum)),
+        parts
+            .iter()
+            .any(|p| p.entropy_sum.is_some())
+            .then(|| rank_sum(parts.iter().filter_map(|p| p.entropy_sum))),
+    )
+}
+
+/// One rank's part made of the parts of its micro-batches (gradient accumulation): the
+/// micro-batches combine exactly as ranks do ([`GlobalNorm`]), so the merged part is the one
+/// a single pass over all of the rank's rows would have sent: `B_r = Σ B_m`, `N_r = Σ N_m`,
+/// `T_r = max T_m`, the loss `Σ_m (den_m / den_r) · loss_m` and the metrics pooled the same
+/// way. A rank whose micro-batches have no loss sends a part without one (its rows still
+/// count).
+pub(crate) fn merge_parts(cfg: &ObjectiveConfig, micro: &[RankPart]) -> RankPart {
+    let (mask_sum, entropy_sum) = token_sums(micro);
+    let mut merged = RankPart {
+        rows: micro.iter().map(|p| p.rows).sum(),
+        width: micro.iter().map(|p| p.width).max().unwrap_or(0),
+        mask_sum,
+        entropy_sum,
+        ..Default::default()
+    };
+    if let Some(norm) = GlobalNorm::new(cfg, micro) {
+        let b = norm.batch_loss(micro);
+        merged.has_loss = true;
+        merged.loss = b.loss;
+        merged.metrics = b.metrics;
+    }
+    merged
 }
 
 /// Every rank's reward-function state (`local`: this rank's), as the checkpoint saves it: one
@@ -486,8 +519,9 @@ mod tests {
                     assert_eq!(b.loss.to_bits(), loss.to_bits());
                     let got = b.metrics.values().map(f64::to_bits);
                     assert_eq!(got, p.metrics.values().map(f64::to_bits));
-                    assert_eq!(b.mask_sum, 18.0);
-                    assert_eq!(b.entropy_sum.map(f64::to_bits), Some((-0.0f64).to_bits()));
+                    let (mask_sum, entropy_sum) = token_sums(&parts);
+                    assert_eq!(mask_sum, 18.0);
+                    assert_eq!(entropy_sum.map(f64::to_bits), Some((-0.0f64).to_bits()));
                 }
             }
         }
@@ -544,7 +578,62 @@ mod tests {
         assert!((b.loss - (0.5 * 6.0 + 3.0) / 9.0).abs() < 1e-15);
         assert!((b.metrics.kl - 0.25).abs() < 1e-15);
         assert_eq!(b.metrics.num_tokens, 20.0);
-        assert_eq!(b.mask_sum, 22.0);
+        assert_eq!(token_sums(&parts).0, 22.0);
+    }
+
+    /// A rank's micro-batches merged into one part count in the batch as the micro-batches
+    /// themselves would: the same denominator, loss and metrics (gradient accumulation
+    /// composes with data parallelism).
+    #[test]
+    fn merged_micro_batches_count_as_their_parts() {
+        let no_tokens = RankPart {
+            rows: 1,
+            width: 2,
+            ..Default::default()
+        };
+        let micro = [part(2, 5.0, 4, 0.3), part(3, 9.0, 6, -0.2), no_tokens];
+        let other = part(4, 7.0, 5, 0.8);
+        for aggregation in LossAggregation::ALL {
+            for max_completion_len in [None, Some(8)] {
+                let cfg = ObjectiveConfig {
+                    aggregation,
+                    max_completion_len,
+                    ..Default::default()
+                };
+                let merged = merge_parts(&cfg, &micro);
+                assert_eq!((merged.rows, merged.width), (6, 6));
+                assert_eq!(merged.metrics.num_tokens, 14.0);
+                assert_eq!(merged.mask_sum, 5.0 + 1.0 + 9.0 + 1.0);
+                let flat = [
+                    micro[0].clone(),
+                    micro[1].clone(),
+                    micro[2].clone(),
+                    other.clone(),
+                ];
+                let by_micro = GlobalNorm::new(&cfg, &flat).unwrap();
+                let by_rank = GlobalNorm::new(&cfg, &[merged, other.clone()]).unwrap();
+                assert_eq!(by_micro.denominator(), by_rank.denominator());
+                let (a, b) = (
+                    by_micro.batch_loss(&flat),
+                    by_rank.batch_loss(&[merge_parts(&cfg, &micro), other.clone()]),
+                );
+                assert!((a.loss - b.loss).abs() < 1e-15, "{aggregation:?}");
+                for (x, y) in a.metrics.values().iter().zip(b.metrics.values()) {
+                    assert!((x - y).abs() < 1e-15, "{aggregation:?}: {x} vs {y}");
+                }
+            }
+        }
+        // Micro-batches without a loss make a part without one.
+        let none = merge_parts(&ObjectiveConfig::default(), &[no_tokens_part()]);
+        assert!(!none.has_loss && none.rows == 1);
+    }
+
+    fn no_tokens_part() -> RankPart {
+        RankPart {
+            rows: 1,
+            width: 3,
+            ..Default::default()
+        }
     }
 
     #[test]

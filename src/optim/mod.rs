@@ -103,28 +103,35 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
         return Err(Error::NonFiniteGradient { norm });
     }
     if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for v in vars {
-            let Some(g) = grads.get(v) else { continue };
-            if g.device().is_cpu()
-                && matches!(g.dtype(), DType::F32 | DType::F64)
-                && g.is_contiguous()
-            {
-                g.inplace_op1(&ScaleInPlace(scale))?;
-            } else if let Some(g) = grads.remove(v) {
-                grads.insert(v, (g * scale)?);
-            }
-        }
+        scale_grads(vars, grads, max_norm / (norm + 1e-6))?;
     }
     Ok(norm)
+}
+
+/// Multiplies the gradients of `vars` in `grads` by `factor`: contiguous `f32`/`f64` CPU
+/// gradients in place, others replaced by scaled copies.
+pub(crate) fn scale_grads(vars: &[Var], grads: &mut GradStore, factor: f64) -> Result<()> {
+    for v in vars {
+        let Some(g) = grads.get(v) else { continue };
+        if g.device().is_cpu() && matches!(g.dtype(), DType::F32 | DType::F64) && g.is_contiguous()
+        {
+            g.inplace_op1(&ScaleInPlace(factor))?;
+        } else if let Some(g) = grads.remove(v) {
+            grads.insert(v, (g * factor)?);
+        }
+    }
+    Ok(())
 }
 
 /// How the learning rate evolves after the warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LrScheduler {
-    /// Constant after the warm-up. Default (TRL's `lr_scheduler_type` default is `linear`;
-    /// constant needs no step budget).
+    /// Constant after the warm-up. Default. TRL's `lr_scheduler_type` default is `linear`,
+    /// which decays to 0 at the end of the run; TRL knows that end (it derives `max_steps`
+    /// from the dataset and the epochs), a pgrpo [`Trainer`](crate::Trainer) does not (the
+    /// training loop is the caller's), so a decaying default would need a `max_steps` default
+    /// no run could trust. Set `lr_scheduler = "linear"` with `max_steps` for TRL's schedule.
     #[default]
     Constant,
     /// Linear decay to 0 at `max_steps`.
@@ -135,6 +142,10 @@ pub enum LrScheduler {
 
 /// Learning rate at `step` (0-based): linear warm-up from `base/warmup` to `base` over
 /// `warmup_steps`, then the schedule, reaching 0 at `max_steps` for the decaying ones.
+///
+/// `step < max_steps` is the range a run uses (the [`Trainer`](crate::Trainer) refuses to
+/// step at `max_steps`, as TRL stops there); at or past `max_steps` the decaying schedules
+/// stay at 0.
 ///
 /// ```
 /// use pgrpo::optim::{lr_at, LrScheduler};

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Tensor, Var};
 use candle_nn::Optimizer;
 
-use super::{default_optimizer, Trainer};
+use super::{check_reference_sync, default_optimizer, Trainer};
 use crate::checkpoint::{self, files, Checkpoint, CheckpointOptions};
 use crate::distributed::protocol::{self, RankRewardStates};
 use crate::distributed::{Collective, SingleProcess};
@@ -182,7 +182,8 @@ where
     /// [`Error::Checkpoint`] with [`CheckpointProblem::Inexact`] (no optimizer state),
     /// [`CheckpointProblem::Mismatch`] (tensors that do not fit the policy or the
     /// optimizer), [`CheckpointProblem::Invalid`] (a reward state the reward function
-    /// rejects); [`Error::InvalidConfig`] if the (possibly edited) config is invalid.
+    /// rejects); [`Error::InvalidConfig`] if the (possibly edited) config is invalid, or
+    /// asks for `sync_ref_model` with a reference that has no weights of its own (LoRA).
     pub fn from_checkpoint(
         ckpt: Checkpoint,
         policy: P,
@@ -271,6 +272,7 @@ where
             // KL switched on in an edited config: the reference is the resumed policy.
             None => Some(policy.snapshot()?),
         };
+        check_reference_sync(&ckpt.config, &vars, reference.as_ref())?;
         Ok(Self {
             policy,
             reference,

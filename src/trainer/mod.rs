@@ -5,10 +5,17 @@
 //! 2. score each with the [`RewardFn`] (prompt, completion, preference group);
 //! 3. turn rewards into advantages ([`AdvantageConfig::compute`](crate::AdvantageConfig::compute)) — with P-GRPO, against each
 //!    preference group's [`RewardHistory`];
-//! 4. `num_iterations` times: per-token log-probs → [`clipped_objective`](crate::clipped_objective) → backward →
-//!    global-norm clipping → optimizer step;
-//! 5. fold the batch's rewards into the history;
+//! 4. `num_iterations` passes over the batch, each `steps_per_generation /
+//!    gradient_accumulation_steps` optimizer updates (one by default): per micro-batch
+//!    per-token log-probs → [`clipped_objective`](crate::clipped_objective) → backward, the
+//!    gradients summed over `gradient_accumulation_steps` micro-batches → global-norm
+//!    clipping → optimizer step;
+//! 5. fold the batch's rewards into the history, and every `ref_model_sync_steps` steps mix
+//!    the reference toward the policy (`sync_ref_model`, TR-DPO);
 //! 6. return [`StepMetrics`].
+//!
+//! A step happens entirely or not at all: on error the weights, optimizer state, history,
+//! reference and step number are those from before it (see [`Trainer::update`]).
 //!
 //! [`Trainer::rollout`] (1–3) and [`Trainer::update`] (4–6) are public for callers that want
 //! to look at the rollout in between; [`Trainer::step`] runs both.
@@ -28,7 +35,8 @@
 //! |---|---|
 //! | `trainer/mod.rs` | the [`Trainer`], its constructors and accessors, [`Trainer::step`] |
 //! | `trainer/rollout.rs` | steps 1–3: [`Rollout`], [`GroupedPrompt`], [`Trainer::rollout`] |
-//! | `trainer/update.rs` | steps 4–6: [`Trainer::update`], [`Trainer::loss`], [`Trainer::gradients`] |
+//! | `trainer/update.rs` | steps 4–6: [`Trainer::update`], [`Trainer::loss`], [`Trainer::gradients`]; micro-batches and gradient accumulation |
+//! | `trainer/undo.rs` | the copy a step takes to put things back when it fails half-way |
 //! | `trainer/checkpointing.rs` | [`Trainer::save`], [`Trainer::resume`], [`Trainer::from_checkpoint`] |
 //!
 //! The exchanges between ranks are in `distributed/protocol.rs`, the seeding in [`rng`](crate::rng).
@@ -38,11 +46,12 @@ use candle_nn::Optimizer;
 
 use crate::distributed::{protocol, protocol::RankRewardStates, wire, Collective, SingleProcess};
 use crate::metrics::StepMetrics;
-use crate::optim::{lr_at, AdamW, ParamsAdamW};
+use crate::optim::{lr_at, AdamW, OptimizerState, ParamsAdamW};
 use crate::{Error, Policy, Result, RewardFn, RewardHistory, TrainerConfig};
 
 mod checkpointing;
 mod rollout;
+mod undo;
 mod update;
 
 pub use self::rollout::{GroupedPrompt, Rollout};
@@ -50,8 +59,10 @@ pub use crate::rng::{rank_step_rng, step_rng};
 
 /// Trains a [`Policy`] with GRPO-family objectives and P-GRPO advantages.
 ///
-/// `O` is any [`candle_nn::Optimizer`]; [`Trainer::new`] builds [`pgrpo::optim::AdamW`](AdamW)
-/// from the config. Saving a checkpoint needs `O:` [`OptimizerState`](crate::optim::OptimizerState).
+/// `O` is any [`candle_nn::Optimizer`] that implements
+/// [`OptimizerState`](crate::optim::OptimizerState) (an empty `impl` will do for steps of one
+/// optimizer update; steps of several need the state exported, to be undone on error);
+/// [`Trainer::new`] builds [`pgrpo::optim::AdamW`](AdamW) from the config.
 ///
 /// ```
 /// use candle_core::Device;
@@ -104,6 +115,45 @@ where
     }
 }
 
+/// Errors unless the config's `sync_ref_model` can be honoured: the reference must have a
+/// weight of its own, of the same shape and dtype, for each of the policy's `vars`. A LoRA
+/// [`LmPolicy`](crate::lm::LmPolicy)'s reference is the base model with the adapters off,
+/// which shares the frozen weights and has no var: TR-DPO's mix has nothing to act on (the
+/// adapters are not a copy of the reference that could be blended), so the trainer refuses
+/// it, as TRL refuses `sync_ref_model` for PEFT models.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] naming `sync_ref_model`.
+pub(crate) fn check_reference_sync<P: Policy>(
+    config: &TrainerConfig,
+    vars: &[Var],
+    reference: Option<&P>,
+) -> Result<()> {
+    if !config.sync_ref_model {
+        return Ok(());
+    }
+    let rv = reference.map(Policy::vars).unwrap_or_default();
+    let fits = rv.len() == vars.len()
+        && rv
+            .iter()
+            .zip(vars)
+            .all(|(r, v)| r.dims() == v.dims() && r.dtype() == v.dtype());
+    if fits {
+        return Ok(());
+    }
+    Err(Error::InvalidConfig {
+        field: "sync_ref_model",
+        reason: format!(
+            "the reference policy has {} weights of its own for the policy's {} trainable ones \
+             (a LoRA policy's reference is its base model with the adapters off, sharing the \
+             frozen weights): there is nothing to mix. Train every weight, or leave \
+             sync_ref_model off (TRL refuses it for PEFT models too)",
+            rv.len(),
+            vars.len()
+        ),
+    })
+}
+
 /// The default optimizer of a config: [`AdamW`] with its learning rate (at step 0), betas,
 /// eps and weight decay.
 fn default_optimizer<P: Policy>(policy: &P, config: &TrainerConfig) -> Result<AdamW> {
@@ -130,13 +180,14 @@ where
     P: Policy,
     P::Prompt: Clone,
     R: RewardFn<P::Prompt, P::Completion>,
-    O: Optimizer,
+    O: Optimizer + OptimizerState,
 {
     /// A trainer with a ready optimizer (built over `policy.vars()`). The config's AdamW
     /// fields are ignored; its learning-rate schedule drives `set_learning_rate`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] from [`TrainerConfig::validate`].
+    /// [`Error::InvalidConfig`] from [`TrainerConfig::validate`], or naming `sync_ref_model`
+    /// when the reference has no weights of its own to mix (see [`check_reference_sync`]).
     pub fn with_optimizer(
         policy: P,
         reward: R,
@@ -153,6 +204,7 @@ where
         if vars.is_empty() {
             return Err(Error::Empty("policy vars"));
         }
+        check_reference_sync(&config, &vars, reference.as_ref())?;
         Ok(Self {
             reference,
             vars,
@@ -225,7 +277,7 @@ where
     P: Policy,
     P::Prompt: Clone,
     R: RewardFn<P::Prompt, P::Completion>,
-    O: Optimizer,
+    O: Optimizer + OptimizerState,
     C: Collective,
 {
     /// The collective this trainer steps with ([`SingleProcess`] unless
@@ -306,9 +358,12 @@ where
     ///
     /// # Errors
     /// Any error of sampling, the reward function, the advantage computation (e.g.
-    /// [`Error::NonFiniteReward`]), the objective, or [`Error::NonFiniteGradient`]. On error
-    /// the history is not updated.
+    /// [`Error::NonFiniteReward`]), the objective, or [`Error::NonFiniteGradient`];
+    /// [`Error::InvalidConfig`] naming `max_steps` once the run has done its `max_steps`
+    /// steps (before sampling). On error the weights, optimizer state, history, reference and
+    /// step number are unchanged (a stateful reward function has scored the batch).
     pub fn step(&mut self, batch: &[GroupedPrompt<P::Prompt>]) -> Result<StepMetrics> {
+        self.check_budget()?;
         let rollout = self.rollout(batch)?;
         self.update(rollout)
     }

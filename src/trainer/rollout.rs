@@ -4,16 +4,16 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use candle_nn::Optimizer;
 use rand::rngs::StdRng;
 
+use super::update::MicroBatch;
 use super::Trainer;
 use crate::advantage::AdvantageDiagnostics;
 use crate::distributed::{protocol, shard, Collective};
 use crate::history::BatchDeltas;
 use crate::rng::rank_step_rng;
-use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards, TokenLogProbs};
+use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards};
 
 /// A prompt with its preference-group label.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,8 +66,8 @@ pub struct Rollout<'a, P: Policy> {
     pub(super) global_rows: usize,
     /// Whether every prompt of the whole batch is masked out (nothing to learn from).
     pub(super) all_masked: bool,
-    pub(super) old: Option<TokenLogProbs>,
-    pub(super) reference: Option<Tensor>,
+    /// This rank's rows cut into micro-batches, with their old and reference log-probs.
+    pub(super) micro: Vec<MicroBatch>,
     pub(super) zero_std_rows: Vec<bool>,
     pub(super) timings: Vec<(&'static str, f64)>,
 }
@@ -165,15 +165,7 @@ where
         let rows = shard.start * g..shard.end * g;
         let row_prompts: Vec<&P::Prompt> = rows.clone().map(|r| &batch[r / g].prompt).collect();
         let t2 = Instant::now();
-        let old = if self.config.num_iterations > 1 {
-            Some(self.policy.log_probs_detached(&row_prompts, &completions)?)
-        } else {
-            None
-        };
-        let reference = match &self.reference {
-            Some(r) => Some(r.log_probs_detached(&row_prompts, &completions)?.logp),
-            None => None,
-        };
+        let micro = self.micro_batches(&row_prompts, &completions)?;
         let t_old = t2.elapsed().as_secs_f64();
         Ok(Rollout {
             prompts: row_prompts,
@@ -188,14 +180,14 @@ where
             advantage_stats,
             global_rows: n,
             all_masked,
-            old,
-            reference,
+            micro,
             zero_std_rows: keep_rows(zero_std, &rows),
             timings: vec![
                 ("sample", t_sample),
                 ("reward", t_reward),
                 ("exchange_rewards", t_exchange),
                 ("old_logp", t_old),
+                ("rollout", t0.elapsed().as_secs_f64()),
             ],
         })
     }
