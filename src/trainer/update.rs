@@ -188,7 +188,7 @@ where
         }
         let t_update = t0.elapsed().as_secs_f64();
         self.history
-            .apply(&rollout.group_keys, rollout.deltas.clone())?;
+            .apply(&rollout.history_keys, rollout.deltas.clone())?;
 
         let mut m = StepMetrics {
             step: self.step,
@@ -203,6 +203,9 @@ where
         m.set("grad_norm", last_grad_norm);
         m.set("skipped_update", if skip { 1.0 } else { 0.0 });
         acc.write(&mut m);
+        for (name, v) in &rollout.reward_metrics {
+            m.set(name.as_str(), *v);
+        }
         let (am, asd) = rollout.advantage_stats;
         m.set("advantage/mean", am);
         m.set("advantage/std", asd);
