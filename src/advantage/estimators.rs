@@ -436,10 +436,6 @@ impl AdvantageConfig {
 /// group has a normaliser, `z_q = (μ_q − μ_p) √n_q / (σ_p + eps)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Shrinkage {
-    /// `K`.
-    pub prompts: usize,
-    /// `Σ_q z_q²`.
-    pub sum_z2: f64,
     /// The positive-part James–Stein factor `min(1, (K − 2)/Σ z_q²)`; 1 when `K ≤ 2` or
     /// `Σ z_q² = 0`.
     pub factor: f64,
@@ -450,8 +446,6 @@ pub(crate) struct Shrinkage {
 
 impl Shrinkage {
     const NONE: Shrinkage = Shrinkage {
-        prompts: 0,
-        sum_z2: 0.0,
         factor: 1.0,
         between: 0.0,
     };
@@ -494,8 +488,6 @@ impl Shrinkage {
             ((k - 2) as f64 / sum).min(1.0)
         };
         Self {
-            prompts: k,
-            sum_z2: sum,
             factor,
             between: (sum / k as f64 - 1.0).max(0.0),
         }
@@ -563,12 +555,6 @@ impl<'a> Context<'a> {
         };
         ctx.find_degenerate(needs.prompt_spread, batch, stats)?;
         Ok(ctx)
-    }
-
-    /// The batch's shrinkage statistics (for the diagnostics and tests).
-    #[allow(dead_code)]
-    pub(crate) fn shrinkage(&self) -> Shrinkage {
-        self.shrink
     }
     /// Marks the prompts whose rows read `σ_q` but have fewer than 2 usable rewards because
     /// some were missing; a prompt that simply has one completion is an error.
