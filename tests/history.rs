@@ -1003,3 +1003,39 @@ fn the_format_refuses_statistics_beyond_f32_rewards() {
         Err(Error::InvalidHistory { .. })
     ));
 }
+
+/// The checks accept what a batch really produces, for any kind: a long half-life (where the
+/// weight `(1 − d^n)/(1 − d)` is computed with little cancellation to spare) and a batch large
+/// enough to be summed in several chunks.
+#[test]
+fn real_deltas_of_every_kind_are_accepted() {
+    let n = 100_000;
+    let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
+    let mut r = rng(8);
+    let rewards = common::rewards(&mut r, n);
+    let prompt_ids: Vec<u32> = (0..n as u32).map(|i| i / 4).collect();
+    let group_ids: Vec<u32> = (0..n as u32).map(|i| (i / 4) % 2).collect();
+    let batch = pgrpo::RolloutRewards {
+        rewards: &rewards,
+        prompt_ids: &prompt_ids,
+        group_ids: &group_ids,
+        group_keys: &keys,
+    };
+    for kind in [
+        HistoryKind::Cumulative,
+        HistoryKind::Exponential { half_life: 0.5 },
+        HistoryKind::Exponential { half_life: 64.0 },
+        HistoryKind::Exponential { half_life: 1e9 },
+        HistoryKind::Window { size: 1000 },
+    ] {
+        let h = RewardHistory::new(kind).unwrap();
+        let adv = pgrpo::AdvantageConfig::default()
+            .compute(&batch, &h)
+            .unwrap();
+        let back = pgrpo::history::BatchDeltas::from_json(&adv.deltas.to_json().unwrap());
+        assert_eq!(back.as_ref().ok(), Some(&adv.deltas), "{kind:?}: {back:?}");
+        let mut folded = h.clone();
+        folded.apply(&keys, back.unwrap()).unwrap();
+        RewardHistory::from_json(&folded.to_json().unwrap()).unwrap();
+    }
+}

@@ -161,10 +161,12 @@ impl GroupDelta {
         let weight_ok = match kind {
             HistoryKind::Cumulative => self.w == c,
             _ => {
-                // Σ_{j<count} d^j, the weight of `count` pushes.
-                let d = kind.decay();
-                let full = (1.0 - d.powf(c)) / (1.0 - d);
-                self.w >= 1.0 && self.w <= c && (self.w - full).abs() <= 1e-9 * full + 1e-9
+                // Σ_{j<count} d^j = (1 − d^count)/(1 − d), the weight of `count` pushes,
+                // computed with `expm1` so that it stays accurate for long half-lives; the
+                // tolerance covers the rounding of `count` pushes or chunk merges.
+                let ln_d = kind.decay().ln();
+                let full = (c * ln_d).exp_m1() / ln_d.exp_m1();
+                self.w >= 1.0 && self.w <= c && (self.w - full).abs() <= 1e-6 * full
             }
         };
         if !weight_ok {
