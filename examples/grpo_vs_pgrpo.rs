@@ -95,7 +95,9 @@ struct Args {
     /// P-GRPO cold-start minimum count.
     #[arg(long, default_value_t = 8)]
     min_count: u64,
-    /// Estimators to run (`p_grpo_shuffled` is the ablation).
+    /// Estimators to run: any of grpo, grpo_batch_std, dr_grpo, batch_z_score, rloo, p_grpo,
+    /// annealed_offset, james_stein, blend, levels (their default options); a `_shuffled`
+    /// suffix draws the group labels at random (`p_grpo_shuffled` is the paper's ablation).
     #[arg(
         long,
         value_delimiter = ',',

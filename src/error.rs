@@ -167,6 +167,21 @@ pub enum Error {
         norm: f64,
     },
 
+    /// An advantage estimator of the user's
+    /// ([`AdvantageEstimator`](crate::advantage::AdvantageEstimator)) failed, or returned a
+    /// wrong number of advantages or a non-finite one.
+    ///
+    /// ```text
+    /// advantage estimator `median_baseline`: returned NaN at row 3
+    /// ```
+    #[error("advantage estimator `{name}`: {reason}")]
+    Estimator {
+        /// The estimator's [`name`](crate::advantage::AdvantageEstimator::name).
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// A reward function failed (or could not save or restore its state).
     ///
     /// ```text

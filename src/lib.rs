@@ -48,10 +48,10 @@
 //!
 //! | layer | module | what |
 //! |---|---|---|
-//! | core | [`advantage`] | rewards (+ history) → advantages: one small function per estimator, pure |
+//! | core | [`advantage`] | rewards (+ history) → advantages: one small function per estimator, pure; your own rule through [`AdvantageEstimator`](advantage::AdvantageEstimator); several reward functions' scores |
 //! | core | [`history`] | per-group reward statistics kept across steps ([`RewardHistory`]): the state P-GRPO adds |
 //! | core | [`objective`] | the policy-gradient loss over `(B, T)` log-probs (PPO clip, CISPO, SAPO), written as in the papers |
-//! | core | [`policy`], [`reward`] | the [`Policy`] trait a model implements; [`RewardFn`] |
+//! | core | [`policy`], [`reward`] | the [`Policy`] trait a model implements; [`RewardFn`] (one row or a batch; weighted parts) |
 //! | training | [`trainer`] | [`Trainer`]: one step = sample → reward → advantages → update → history |
 //! | training | [`config`], [`optim`], [`rng`] | [`TrainerConfig`]; AdamW and schedules; each step's sampling generator |
 //! | training | [`checkpoint`] | atomic, validated checkpoints (weights, optimizer, history, reward state) |

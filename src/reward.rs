@@ -1,6 +1,43 @@
 //! Reward functions: score a completion for a prompt and its preference group.
+//!
+//! A [`RewardFn`] scores one row ([`score`](RewardFn::score)) or a whole batch at once
+//! ([`score_batch`](RewardFn::score_batch), for reward models and LLM judges that batch
+//! their calls; the trainer always calls the batch form). Several functions combine with
+//! [`WeightedRewards`], whose separate scores ([`score_parts`](RewardFn::score_parts),
+//! `(N, F)`) reach the advantage computation: the weighted sum, or GDPO's
+//! normalise-then-sum, P-GRPO with a history per (group, function)
+//! ([`RewardAggregation`](crate::advantage::RewardAggregation)).
 
 use crate::{Error, GroupKey, Result};
+
+/// One row to score: a prompt, one of its completions, and the prompt's preference group.
+#[derive(Debug)]
+pub struct RewardInput<'a, P, C> {
+    /// The prompt.
+    pub prompt: &'a P,
+    /// The completion.
+    pub completion: &'a C,
+    /// The prompt's preference group.
+    pub group: &'a GroupKey,
+}
+
+impl<P, C> Clone for RewardInput<'_, P, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P, C> Copy for RewardInput<'_, P, C> {}
+
+/// The name and weight of one reward function of a [`RewardFn`] (see
+/// [`RewardFn::parts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardPart {
+    /// The function's name (metrics `rewards/<name>/mean`; distinct within one `RewardFn`).
+    pub name: String,
+    /// Its weight in the combined reward `R = Σ_f w_f r_f` (TRL's `reward_weights`).
+    pub weight: f32,
+}
 
 /// Scores one completion. `group` is the prompt's preference-group label, so one reward
 /// function can serve every group (a persona's rules, a user cluster's taste).
@@ -21,9 +58,74 @@ pub trait RewardFn<P, C> {
     /// The reward of `completion` for `prompt` in preference group `group`.
     fn score(&mut self, prompt: &P, completion: &C, group: &GroupKey) -> Result<f32>;
 
-    /// A short name for metrics (`rewards/<name>`).
+    /// A short name for metrics (`rewards/<name>/mean`, `rewards/<name>/std`).
     fn name(&self) -> &str {
         "reward"
+    }
+
+    /// The rewards of a batch of rows, in row order (`(N,)`): what the trainer calls, once
+    /// per step with every row it sampled. Override it to score many rows in one call (a
+    /// reward model's forward pass over a batch, one request to an LLM judge). The default
+    /// calls [`score`](Self::score) row by row.
+    ///
+    /// ```
+    /// use pgrpo::reward::RewardInput;
+    /// use pgrpo::{GroupKey, RewardFn, Result};
+    ///
+    /// /// Counts its calls: a stand-in for a reward model that batches.
+    /// struct Judge { calls: usize }
+    ///
+    /// impl RewardFn<String, String> for Judge {
+    ///     fn score(&mut self, p: &String, c: &String, g: &GroupKey) -> Result<f32> {
+    ///         let row = RewardInput { prompt: p, completion: c, group: g };
+    ///         Ok(self.score_batch(&[row])?[0])
+    ///     }
+    ///     fn score_batch(&mut self, rows: &[RewardInput<'_, String, String>]) -> Result<Vec<f32>> {
+    ///         self.calls += 1; // one model call for the whole batch
+    ///         Ok(rows.iter().map(|r| r.completion.len() as f32).collect())
+    ///     }
+    /// }
+    ///
+    /// let (p, g) = ("q".to_string(), GroupKey::from("a"));
+    /// let cs = ["ab".to_string(), "abc".to_string()];
+    /// let rows: Vec<_> = cs.iter().map(|c| RewardInput { prompt: &p, completion: c, group: &g }).collect();
+    /// let mut judge = Judge { calls: 0 };
+    /// assert_eq!(judge.score_batch(&rows)?, [2.0, 3.0]);
+    /// assert_eq!(judge.calls, 1);
+    /// # Ok::<(), pgrpo::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The first error of [`score`](Self::score) (default), or the batch call's. Return
+    /// exactly one reward per row: the trainer refuses another count
+    /// ([`Error::LengthMismatch`]).
+    fn score_batch(&mut self, rows: &[RewardInput<'_, P, C>]) -> Result<Vec<f32>> {
+        rows.iter()
+            .map(|r| self.score(r.prompt, r.completion, r.group))
+            .collect()
+    }
+
+    /// The reward functions this one is made of, with their weights: `F` entries, in the
+    /// order of [`score_parts`](Self::score_parts)'s columns. The default is this function
+    /// alone, weight 1 ([`WeightedRewards`] lists its parts).
+    fn parts(&self) -> Vec<RewardPart> {
+        vec![RewardPart {
+            name: self.name().to_owned(),
+            weight: 1.0,
+        }]
+    }
+
+    /// Each function's unweighted score of each row, `(N, F)` row-major (row `i`'s score
+    /// from function `f` at `i * F + f`), `F = parts().len()`. The trainer calls this (the
+    /// default is [`score_batch`](Self::score_batch), `F = 1`), combines the columns with
+    /// the weights into the reward `R = Σ_f w_f r_f`, and, under
+    /// [`RewardAggregation::NormalizeThenSum`](crate::advantage::RewardAggregation),
+    /// normalises each column on its own.
+    ///
+    /// # Errors
+    /// As [`score_batch`](Self::score_batch).
+    fn score_parts(&mut self, rows: &[RewardInput<'_, P, C>]) -> Result<Vec<f32>> {
+        self.score_batch(rows)
     }
 
     /// State to save in a checkpoint (`reward_state.json`) so that a resumed run scores
@@ -62,7 +164,12 @@ where
     }
 }
 
-/// A weighted sum of several reward functions, `R = Σ_k w_k R_k` (TRL's `reward_weights`).
+/// A weighted sum of several reward functions, `R = Σ_k w_k R_k` (TRL's `reward_functions`
+/// with `reward_weights`). Its [`parts`](RewardFn::parts) and
+/// [`score_parts`](RewardFn::score_parts) give the trainer each function's score, so that
+/// `advantage.reward_aggregation` can normalise them separately and the metrics report
+/// `rewards/<name>/mean` and `rewards/<name>/std` per function; each part is scored with its
+/// own [`score_batch`](RewardFn::score_batch).
 ///
 /// ```
 /// use pgrpo::reward::WeightedRewards;
@@ -125,6 +232,53 @@ impl<P, C> RewardFn<P, C> for WeightedRewards<P, C> {
 
     fn name(&self) -> &str {
         "weighted"
+    }
+
+    /// The weighted sums of [`score_parts`](RewardFn::score_parts) (the same bits as
+    /// [`score`](RewardFn::score) row by row).
+    fn score_batch(&mut self, rows: &[RewardInput<'_, P, C>]) -> Result<Vec<f32>> {
+        let scores = self.score_parts(rows)?;
+        let f = self.parts.len().max(1);
+        Ok(scores
+            .chunks(f)
+            .map(|row| {
+                row.iter()
+                    .zip(&self.parts)
+                    .fold(0f32, |t, (&v, (_, w, _))| t + *w * v)
+            })
+            .collect())
+    }
+
+    fn parts(&self) -> Vec<RewardPart> {
+        self.parts
+            .iter()
+            .map(|(name, weight, _)| RewardPart {
+                name: name.clone(),
+                weight: *weight,
+            })
+            .collect()
+    }
+
+    /// Each part's [`score_batch`](RewardFn::score_batch), interleaved into `(N, F)`.
+    fn score_parts(&mut self, rows: &[RewardInput<'_, P, C>]) -> Result<Vec<f32>> {
+        let (n, f) = (rows.len(), self.parts.len());
+        let mut out = vec![0f32; n * f];
+        for (j, (name, _, part)) in self.parts.iter_mut().enumerate() {
+            let v = part.score_batch(rows)?;
+            if v.len() != n {
+                return Err(Error::Reward(format!(
+                    "part `{name}` returned {} rewards for {n} rows",
+                    v.len()
+                )));
+            }
+            for (i, x) in v.into_iter().enumerate() {
+                out[i * f + j] = x;
+            }
+        }
+        if n > 0 {
+            self.last = out[(n - 1) * f..].to_vec();
+        }
+        Ok(out)
     }
 
     /// `{"parts": [state or null, …]}`, one entry per part; `None` when no part has state.

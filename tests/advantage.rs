@@ -7,7 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, rewards, rng};
 use pgrpo::advantage::{
-    AdvantageDiagnostics, ColdStart, NonFinitePolicy, PGrpoOptions, UpdateOrder,
+    part_key, AdvantageDiagnostics, AdvantageEstimator, AnnealOptions, ColdStart, Level,
+    LevelOptions, NonFinitePolicy, PGrpoOptions, RewardAggregation, RewardParts, UpdateOrder,
 };
 use pgrpo::history::Variance;
 use pgrpo::{
@@ -231,6 +232,23 @@ mod golden {
     pub const P_GRPO_OFFSET_0_5: [f64; 12] = [1.8753343624157865, -1.93245114445139, -0.13316894218848105, -0.9805047677345959, 0.9321825953193673, -1.1985204796963294, 0.9233879856989924, -0.13316894218848105, -0.4093369190083492, -0.4093369190083492, -0.4093369190083492, -0.4093369190083492];
     pub const P_GRPO_OFFSET_0: [f64; 12] = [1.9038927534335883, -1.9038927534335883, 0.0, -0.9519463767167942, 1.0653515375078484, -1.0653515375078484, 0.9519463767167942, 0.0, 0.0, 0.0, 0.0, 0.0];
     pub const P_GRPO_AFTER_BATCH: [f64; 12] = [1.8782555875047309, -1.6252263541453829, -0.19147075600826652, -0.7493558687328544, 0.9573537800413326, -1.3402952920578657, 1.0023851020922026, -0.19147075600826652, -0.5741817298855894, -0.5741817298855894, -0.5741817298855894, -0.5741817298855894];
+    // The new estimators, same batch and history (NumPy 2.4; `Ahat` = GRPO above, prompts in
+    // order of first appearance 10, 7, 3, `g[q]` the group of prompt q):
+    //
+    // mq, vq, nq = per-prompt mean, sample variance, count; mp, sp, npp = per-group history
+    // mean, sample std, count
+    // anneal = Ahat + n0/(n0 + npp[G]) * (mq[P] - mp[G]) / (sp[G] + eps)          # n0 = 16
+    // z2 = [nq[q] * ((mq[q] - mp[g[q]]) / (sp[g[q]] + eps))**2 for q in (10, 7, 3)]
+    // K, S = 3, sum(z2)                       # S = 2.9777, so c = (K-2)/S = 0.33583
+    // js = Ahat + c * (mq[P] - mp[G]) / (sp[G] + eps)
+    // tau2 = max(0, S/K - 1)                  # = 0 here
+    // r = tau2 + nq[P]/npp[G]; w = r/(r+1)
+    // blend = (centred + (1-w)*(mq[P] - mp[G])) / (sqrt(w*vq[P] + (1-w)*sp[G]**2) + eps)
+    // levels_group_batch = (R - mp[G]) / (R.std(ddof=1) + eps)
+    pub const ANNEALED_OFFSET_N0_16: [f64; 12] = [1.0600563786412536, -1.1303539565312273, -0.17755858958464138, -0.5827513727381071, 1.0470862899737727, -1.4022034691430556, 0.5124537948481334, -0.17755858958464138, -0.5037992849333529, -0.5037992849333529, -0.5037992849333529, -0.5037992849333529];
+    pub const JAMES_STEIN: [f64; 12] = [1.0760236589337289, -1.114386676238752, -0.08944415724407886, -0.5667840924456317, 1.1352007223143352, -1.3140890368024931, 0.5284210751406088, -0.08944415724407886, -0.2749349446492526, -0.2749349446492526, -0.2749349446492526, -0.2749349446492526];
+    pub const BLEND: [f64; 12] = [1.4832564049651333, -1.548216538829702, -0.1852259189358143, -0.7903483028809931, 0.9261295946790715, -1.2965814325507001, 0.7253881690164246, -0.1852259189358143, -0.6918574102068457, -0.6918574102068457, -0.6918574102068457, -0.6918574102068457];
+    pub const LEVELS_GROUP_BATCH: [f64; 12] = [0.703161493412306, -0.7466560183325732, -0.5436815669043297, -0.3842016403963534, 1.6310447007129891, -2.7184078345216487, 0.3407071154760862, -0.5436815669043297, -0.3117107475259379, -0.3117107475259379, -0.3117107475259379, -0.3117107475259379];
     pub const P_GRPO_EXPONENTIAL_HL4: [f64; 12] = [1.8959592107523822, -2.1254234389789644, -0.2940597027092949, -1.1200777765461276, 0.6221216243102922, -1.2102410297288817, 0.8906135483195455, -0.2940597027092949, -0.9190085961209435, -0.9190085961209435, -0.9190085961209435, -0.9190085961209435];
 }
 use golden::*;
@@ -297,6 +315,34 @@ fn golden_advantages_per_estimator() {
             config(Estimator::PGrpo),
             hand_history(HistoryKind::Exponential { half_life: 4.0 }),
             &P_GRPO_EXPONENTIAL_HL4,
+        ),
+        (
+            "annealed_offset n0=16",
+            AdvantageConfig {
+                anneal: AnnealOptions { n0: 16.0 },
+                ..config(Estimator::AnnealedOffset)
+            },
+            cum.clone(),
+            &ANNEALED_OFFSET_N0_16,
+        ),
+        (
+            "james_stein",
+            config(Estimator::JamesStein),
+            cum.clone(),
+            &JAMES_STEIN,
+        ),
+        ("blend", config(Estimator::Blend), cum.clone(), &BLEND),
+        (
+            "levels group/batch",
+            AdvantageConfig {
+                levels: LevelOptions {
+                    mean: Level::Group,
+                    std: Level::Batch,
+                },
+                ..config(Estimator::Levels)
+            },
+            cum.clone(),
+            &LEVELS_GROUP_BATCH,
         ),
     ];
     for (what, cfg, h, want) in cases {
@@ -572,15 +618,17 @@ fn a_history_without_a_defined_std_is_cold() {
     let adv = cfg.compute(&b.view(), &h).unwrap();
     assert!(adv.diagnostics.groups.iter().all(|g| !g.used_history));
     assert_values(&adv.values, &GRPO, 2e-6, "falls back to GRPO");
-    // The population std of one reward is 0: defined, so used (divided by eps).
+    // The population std of one reward is 0: defined, but a history without spread is
+    // degenerate, so cold too (it used to divide by eps).
     let pop = AdvantageConfig {
         variance: Variance::Population,
         eps: 0.5,
         ..cfg
     };
     let adv = pop.compute(&b.view(), &h).unwrap();
-    assert!(adv.diagnostics.groups.iter().all(|g| g.used_history));
-    assert_eq!(adv.values[0], (1.0 - 0.5) / 0.5);
+    assert!(adv.diagnostics.groups.iter().all(|g| !g.used_history));
+    let (mu_q, sd_q) = prompt_stats(&b, Variance::Population);
+    assert_eq!(adv.values[0], ((1.0 - mu_q[0]) / (sd_q[0] + 0.5)) as f32);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1029,15 +1077,24 @@ fn one_completion_per_prompt() {
     b.group_ids.push(0);
     let warm = hand_history(HistoryKind::Cumulative);
     let cold = RewardHistory::default();
-    for (estimator, name) in [(Estimator::Grpo, "grpo"), (Estimator::Rloo, "rloo")] {
-        assert!(matches!(
-            config(estimator).compute(&b.view(), &warm),
-            Err(Error::TooFewCompletions { prompt: 77, count: 1, estimator: e }) if e == name
-        ));
-    }
-    for estimator in [Estimator::DrGrpo, Estimator::GrpoBatchStd] {
-        let adv = config(estimator).compute(&b.view(), &cold).unwrap();
-        assert_eq!(adv.values[12], 0.0, "{estimator:?}");
+    // Dr. GRPO and `grpo_batch_std` used to give such a prompt 0 silently (issue 12, defect
+    // 7): their only signal is the contrast within the prompt.
+    for estimator in [
+        Estimator::Grpo,
+        Estimator::Rloo,
+        Estimator::DrGrpo,
+        Estimator::GrpoBatchStd,
+        Estimator::AnnealedOffset,
+        Estimator::JamesStein,
+        Estimator::Blend,
+    ] {
+        assert!(
+            matches!(
+                config(estimator).compute(&b.view(), &warm),
+                Err(Error::TooFewCompletions { prompt: 77, count: 1, estimator: e }) if e == estimator.name()
+            ),
+            "{estimator:?}"
+        );
     }
     assert!(config(Estimator::BatchZScore)
         .compute(&b.view(), &cold)
@@ -1090,7 +1147,8 @@ fn single_completion_prompts_under_warm_pgrpo_take_linear_time() {
     let mut h = RewardHistory::default();
     h.update("a", &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
         .unwrap();
-    h.update("b", &[1.0; 8]).unwrap();
+    h.update("b", &[1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+        .unwrap();
     let b = RolloutRewards {
         rewards: &rewards,
         prompt_ids: &prompt_ids,
@@ -1312,4 +1370,744 @@ fn compute_tensor_equals_compute() {
         cfg.compute_tensor(&nan, &p4, &g4, &b.keys, &h),
         Err(Error::NonFiniteReward { row: 0, .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The degenerate history (issue 12, defect 2)
+
+/// A history whose rewards are all equal has `σ_p = 0`; it used to be "usable", so the first
+/// reward unlike the others got `|A| ≈ 1/eps = 10⁴`. It is cold now: GRPO's advantages, and
+/// the diagnostics say the history was not used. Fails on the old code (`|A| = 10⁴`).
+#[test]
+fn a_degenerate_history_is_cold() {
+    let keys: Vec<GroupKey> = vec!["sparse".into()];
+    let b = Batch {
+        rewards: vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        prompt_ids: vec![0, 0, 0, 0, 1, 1, 1, 1],
+        group_ids: vec![0; 8],
+        keys,
+    };
+    let grpo = config(Estimator::Grpo)
+        .compute(&b.view(), &RewardHistory::default())
+        .unwrap();
+    // (1 − 0.25) / (0.5 + 1e-4): a sparse minority's first success.
+    assert_close(
+        grpo.values[0] as f64,
+        0.75 / (0.5 + 1e-4),
+        1e-6,
+        1.0,
+        "grpo",
+    );
+    for kind in [
+        HistoryKind::Cumulative,
+        HistoryKind::Exponential { half_life: 4.0 },
+        HistoryKind::Window { size: 16 },
+    ] {
+        // 0/1 rewards that were all 0 so far; and all 1 (σ = 0 ≤ 1e-6·|μ|).
+        for value in [0.0f32, 1.0] {
+            let mut h = RewardHistory::new(kind).unwrap();
+            h.update("sparse", &[value; 20]).unwrap();
+            for estimator in Estimator::ALL.into_iter().filter(|e| e.is_group_aware()) {
+                let cfg = AdvantageConfig {
+                    levels: LevelOptions {
+                        mean: Level::Group,
+                        std: Level::Group,
+                    },
+                    ..config(estimator)
+                };
+                let adv = cfg.compute(&b.view(), &h).unwrap();
+                let what = format!("{estimator:?} {kind:?} history of {value}");
+                assert!(
+                    adv.values.iter().all(|a| a.abs() < 10.0),
+                    "{what}: {:?}",
+                    adv.values
+                );
+                assert!(!adv.diagnostics.groups[0].used_history, "{what}");
+                assert_eq!(adv.values, grpo.values, "{what}: falls back to GRPO");
+            }
+        }
+    }
+    // Spread below f32 rounding of the mean is no spread either; a real spread is used.
+    let mut h = RewardHistory::default();
+    h.update(
+        "sparse",
+        &[
+            1000.0, 1000.0001, 1000.0, 1000.0001, 1000.0, 1000.0, 1000.0, 1000.0,
+        ],
+    )
+    .unwrap();
+    let adv = config(Estimator::PGrpo).compute(&b.view(), &h).unwrap();
+    assert!(!adv.diagnostics.groups[0].used_history);
+    let mut h = RewardHistory::default();
+    h.update("sparse", &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+        .unwrap();
+    let adv = config(Estimator::PGrpo).compute(&b.view(), &h).unwrap();
+    assert!(adv.diagnostics.groups[0].used_history);
+    // μ_p = 0.125, σ_p = √(0.875/7) = 0.35355: (1 − 0.125) / 0.35365.
+    assert_close(
+        adv.values[0] as f64,
+        0.875 / (0.125f64.sqrt() + 1e-4),
+        1e-6,
+        1.0,
+        "warm",
+    );
+}
+
+/// One degenerate group among warm ones falls back alone (the fused P-GRPO path declines the
+/// batch and the general path decides).
+#[test]
+fn a_degenerate_group_among_warm_ones_falls_back_alone() {
+    let mut r = rng(31);
+    let b = random_batch(&mut r, 64, 4, 3);
+    let cfg = config(Estimator::PGrpo);
+    let mut h = RewardHistory::default();
+    h.update(b.keys[0].clone(), &[2.0; 40]).unwrap();
+    h.update(b.keys[1].clone(), &rewards(&mut r, 30)).unwrap();
+    h.update(b.keys[2].clone(), &rewards(&mut r, 30)).unwrap();
+    let adv = cfg.compute(&b.view(), &h).unwrap();
+    let used: Vec<bool> = adv
+        .diagnostics
+        .groups
+        .iter()
+        .map(|g| g.used_history)
+        .collect();
+    assert_eq!(used, [false, true, true]);
+    let grpo = config(Estimator::Grpo).compute(&b.view(), &h).unwrap();
+    let pg = |i: usize| {
+        let s = h.stats(&b.keys[b.group_ids[i] as usize]).unwrap();
+        (b.rewards[i] as f64 - s.mean) / (s.sample_std + 1e-4f32 as f64)
+    };
+    for i in 0..b.rewards.len() {
+        if b.group_ids[i] == 0 {
+            assert_eq!(adv.values[i], grpo.values[i], "row {i}");
+        } else {
+            assert_close(adv.values[i] as f64, pg(i), 1e-6, 1.0, &format!("row {i}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The new estimators, by hand
+
+/// Four prompts of two completions, all in group `a`, whose history of nine rewards
+/// (−1 ×4, 1 ×4, 0) has `n_p = 9`, `μ_p = 0`, `σ_p = 1`. `eps = 0` and a tiny `std_floor`
+/// keep the arithmetic exact:
+///
+/// | prompt | rewards | μ_q | σ_q² | Â (GRPO) | z_q² = n_q (μ_q − μ_p)² / σ_p² |
+/// |---|---|---|---|---|---|
+/// | 0 | 1, 3 | 2 | 2 | −1/√2, +1/√2 | 8 |
+/// | 1 | 0, 0 | 0 | 0 | 0, 0 | 0 |
+/// | 2 | −1, 1 | 0 | 2 | −1/√2, +1/√2 | 0 |
+/// | 3 | 2, 2 | 2 | 0 | 0, 0 | 8 |
+fn four_prompts() -> (Batch, RewardHistory, AdvantageConfig) {
+    let b = Batch {
+        rewards: vec![1.0, 3.0, 0.0, 0.0, -1.0, 1.0, 2.0, 2.0],
+        prompt_ids: vec![0, 0, 1, 1, 2, 2, 3, 3],
+        group_ids: vec![0; 8],
+        keys: vec!["a".into()],
+    };
+    let mut h = RewardHistory::default();
+    h.update("a", &[-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+        .unwrap();
+    let s = h.stats(&"a".into()).unwrap();
+    assert_eq!((s.n, s.mean, s.sample_std), (9, 0.0, 1.0));
+    let cfg = AdvantageConfig {
+        eps: 0.0,
+        std_floor: 1e-9,
+        ..Default::default()
+    };
+    (b, h, cfg)
+}
+
+const R2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+
+#[test]
+fn annealed_offset_by_hand() {
+    let (b, h, cfg) = four_prompts();
+    // n0 = 9: λ_p = 9 / (9 + 9) = 0.5, so A = Â + 0.5 · (μ_q − 0) / 1.
+    let cfg = AdvantageConfig {
+        estimator: Estimator::AnnealedOffset,
+        anneal: AnnealOptions { n0: 9.0 },
+        ..cfg
+    };
+    let adv = cfg.compute(&b.view(), &h).unwrap();
+    let want = [-R2 + 1.0, R2 + 1.0, 0.0, 0.0, -R2, R2, 1.0, 1.0];
+    assert_values(&adv.values, &want, 1e-6, "n0 = 9");
+    // n0 = 0 is GRPO, bit for bit.
+    let grpo = config(Estimator::Grpo);
+    let zero = AdvantageConfig {
+        anneal: AnnealOptions { n0: 0.0 },
+        ..cfg
+    };
+    assert_eq!(
+        zero.compute(&b.view(), &h).unwrap().values,
+        AdvantageConfig { eps: 0.0, ..grpo }
+            .compute(&b.view(), &h)
+            .unwrap()
+            .values
+    );
+    // A huge n0 is GRPO's contrast plus P-GRPO's whole offset: Â + μ_q.
+    let full = AdvantageConfig {
+        anneal: AnnealOptions { n0: 1e12 },
+        ..cfg
+    };
+    let want = [-R2 + 2.0, R2 + 2.0, 0.0, 0.0, -R2, R2, 2.0, 2.0];
+    assert_values(
+        &full.compute(&b.view(), &h).unwrap().values,
+        &want,
+        1e-6,
+        "n0 = 1e12",
+    );
+}
+
+#[test]
+fn james_stein_by_hand() {
+    let (b, h, cfg) = four_prompts();
+    // K = 4 warm prompts, Σ z_q² = 16: c = (4 − 2) / 16 = 0.125, A = Â + 0.125 · μ_q.
+    let cfg = AdvantageConfig {
+        estimator: Estimator::JamesStein,
+        ..cfg
+    };
+    let adv = cfg.compute(&b.view(), &h).unwrap();
+    let want = [-R2 + 0.25, R2 + 0.25, 0.0, 0.0, -R2, R2, 0.25, 0.25];
+    assert_values(&adv.values, &want, 1e-6, "c = 0.125");
+    // With two prompts (K ≤ 2) there is no shrinkage estimate: c = 1, the full offset.
+    let two = Batch {
+        rewards: b.rewards[..4].to_vec(),
+        prompt_ids: b.prompt_ids[..4].to_vec(),
+        group_ids: b.group_ids[..4].to_vec(),
+        keys: b.keys.clone(),
+    };
+    let adv = cfg.compute(&two.view(), &h).unwrap();
+    assert_values(&adv.values, &[-R2 + 2.0, R2 + 2.0, 0.0, 0.0], 1e-6, "K = 2");
+    // Prompts that scatter widely around their group (Σ z² ≫ K) shrink little: near GRPO.
+    let wide = Batch {
+        rewards: vec![20.0, 21.0, -20.0, -21.0, 30.0, 31.0, -30.0, -31.0],
+        ..b.clone()
+    };
+    let adv = cfg.compute(&wide.view(), &h).unwrap();
+    let grpo = AdvantageConfig {
+        estimator: Estimator::Grpo,
+        ..cfg
+    }
+    .compute(&wide.view(), &h)
+    .unwrap();
+    // Σ z² = 2·(20.5² + 20.5² + 30.5² + 30.5²) = 5402: c = 2/5402, offset ≤ 0.012.
+    for (a, g) in adv.values.iter().zip(&grpo.values) {
+        assert!((a - g).abs() < 0.012, "{a} vs {g}");
+    }
+}
+
+#[test]
+fn blend_by_hand() {
+    let (b, h, cfg) = four_prompts();
+    // τ² = max(0, Σ z²/K − 1) = 16/4 − 1 = 3; r = τ² + n_q/n_p = 3 + 2/9 = 29/9;
+    // w = r/(r + 1) = 29/38 on the prompt, 9/38 on the group.
+    // Prompt 0: b = (29/38)·2 = 1.5263, d² = (29/38)·2 + (9/38)·1 = 67/38, d = 1.32784:
+    //   A = (1 − 1.5263)/1.32784 = −0.39637 and (3 − 1.5263)/1.32784 = 1.10984.
+    // Prompt 1 (0, 0): numerator (9/38)·(0 − 0) = 0.
+    // Prompt 2 (−1, 1): b = 0, d² = 67/38: A = ∓1/1.32784 = ∓0.75310.
+    // Prompt 3 (2, 2): numerator 0 + (9/38)·2 = 0.47368, d² = (9/38)·1, d = 0.48666:
+    //   A = 0.97333.
+    let cfg = AdvantageConfig {
+        estimator: Estimator::Blend,
+        ..cfg
+    };
+    let adv = cfg.compute(&b.view(), &h).unwrap();
+    let w: f64 = 29.0 / 38.0;
+    let d = (w * 2.0 + (1.0 - w)).sqrt();
+    let d3 = (1.0f64 - w).sqrt();
+    let want = [
+        (1.0 - 2.0 * w) / d,
+        (3.0 - 2.0 * w) / d,
+        0.0,
+        0.0,
+        -1.0 / d,
+        1.0 / d,
+        2.0 * (1.0 - w) / d3,
+        2.0 * (1.0 - w) / d3,
+    ];
+    assert_values(&adv.values, &want, 1e-6, "blend");
+    assert_values(
+        &adv.values,
+        &[
+            -0.39637, 1.10984, 0.0, 0.0, -0.75310, 0.75310, 0.97333, 0.97333,
+        ],
+        2e-5,
+        "blend, rounded",
+    );
+}
+
+#[test]
+fn levels_by_hand_and_equal_to_the_estimators_they_name() {
+    let (b, h, cfg) = four_prompts();
+    let levels = |mean, std| AdvantageConfig {
+        estimator: Estimator::Levels,
+        levels: LevelOptions { mean, std },
+        ..cfg
+    };
+    // group/batch: (R − 0) / σ_B, σ_B² = Σ(R − 1)²/7 = 12/7, σ_B = 1.30931.
+    let adv = levels(Level::Group, Level::Batch)
+        .compute(&b.view(), &h)
+        .unwrap();
+    let sb = (12.0f64 / 7.0).sqrt();
+    let want: Vec<f64> = b.rewards.iter().map(|&r| r as f64 / sb).collect();
+    assert_values(&adv.values, &want, 1e-6, "group/batch");
+    // prompt/group: (R − μ_q) / σ_p = ∓1 on prompts 0 and 2.
+    let adv = levels(Level::Prompt, Level::Group)
+        .compute(&b.view(), &h)
+        .unwrap();
+    assert_values(
+        &adv.values,
+        &[-1.0, 1.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0],
+        1e-6,
+        "prompt/group",
+    );
+    // Bit for bit: prompt/prompt = GRPO, prompt/batch = grpo_batch_std, batch/batch =
+    // batch_z_score; to rounding: group/group = P-GRPO, prompt/group = P-GRPO with λ = 0.
+    let mut r = rng(12);
+    let rb = random_batch(&mut r, 30, 4, 3);
+    let rh = warm_history(&mut r, HistoryKind::Cumulative, &rb.keys, 20);
+    let same = |a: AdvantageConfig, e: AdvantageConfig| {
+        let x = a.compute(&rb.view(), &rh).unwrap().values;
+        let y = e.compute(&rb.view(), &rh).unwrap().values;
+        (x, y)
+    };
+    let lv = |m, s| AdvantageConfig {
+        estimator: Estimator::Levels,
+        levels: LevelOptions { mean: m, std: s },
+        ..Default::default()
+    };
+    for (m, s, e) in [
+        (Level::Prompt, Level::Prompt, Estimator::Grpo),
+        (Level::Prompt, Level::Batch, Estimator::GrpoBatchStd),
+        (Level::Batch, Level::Batch, Estimator::BatchZScore),
+    ] {
+        let (x, y) = same(lv(m, s), config(e));
+        assert_eq!(x, y, "{m:?}/{s:?}");
+    }
+    let (x, y) = same(lv(Level::Group, Level::Group), config(Estimator::PGrpo));
+    assert_values(
+        &x,
+        &y.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        1e-5,
+        "group/group",
+    );
+    let (x, y) = same(
+        lv(Level::Prompt, Level::Group),
+        pgrpo(PGrpoOptions {
+            offset_weight: 0.0,
+            ..Default::default()
+        }),
+    );
+    assert_values(
+        &x,
+        &y.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        1e-5,
+        "prompt/group",
+    );
+}
+
+/// Cold groups fall back as P-GRPO does, for every group-aware estimator; the names and
+/// options go through serde.
+#[test]
+fn new_estimators_fall_back_when_cold_and_parse() {
+    let b = hand_batch();
+    let cold = RewardHistory::default();
+    let grpo = config(Estimator::Grpo).compute(&b.view(), &cold).unwrap();
+    for est in [
+        Estimator::AnnealedOffset,
+        Estimator::JamesStein,
+        Estimator::Blend,
+        Estimator::Levels,
+    ] {
+        let adv = config(est).compute(&b.view(), &cold).unwrap();
+        assert_eq!(adv.values, grpo.values, "{est:?}");
+        assert!(adv.diagnostics.groups.iter().all(|g| !g.used_history));
+        assert_eq!(est.name().parse::<Estimator>().unwrap(), est);
+    }
+    let cfg: AdvantageConfig = serde_json::from_str(
+        r#"{"estimator": "levels", "levels": {"mean": "batch", "std": "group"},
+            "anneal": {"n0": 512}, "reward_aggregation": "normalize_then_sum"}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.levels.mean, Level::Batch);
+    assert_eq!(cfg.anneal.n0, 512.0);
+    assert_eq!(cfg.reward_aggregation, RewardAggregation::NormalizeThenSum);
+    for bad in [
+        r#"{"anneal": {"n0": -1}}"#,
+        r#"{"levels": {"mean": "batch", "std": "nowhere"}}"#,
+    ] {
+        let parsed: Result<AdvantageConfig, _> = serde_json::from_str(bad);
+        assert!(
+            parsed.is_err() || parsed.unwrap().validate().is_err(),
+            "{bad}"
+        );
+    }
+    let bad = AdvantageConfig {
+        anneal: AnnealOptions { n0: f64::NAN },
+        ..Default::default()
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(Error::InvalidConfig {
+            field: "anneal.n0",
+            ..
+        })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Custom estimators
+
+/// `A_i = R_i − median of its prompt` (the example of the trait's docs).
+struct Median;
+
+impl AdvantageEstimator for Median {
+    fn name(&self) -> &str {
+        "median"
+    }
+
+    fn advantages(
+        &self,
+        batch: &RolloutRewards<'_>,
+        _history: &RewardHistory,
+    ) -> pgrpo::Result<Vec<f32>> {
+        let median = |q: u32| {
+            let mut v: Vec<f32> = (0..batch.rewards.len())
+                .filter(|&i| batch.prompt_ids[i] == q && batch.rewards[i].is_finite())
+                .map(|i| batch.rewards[i])
+                .collect();
+            v.sort_by(f32::total_cmp);
+            let m = v.len() / 2;
+            if v.len() % 2 == 1 {
+                v[m]
+            } else {
+                0.5 * (v[m - 1] + v[m])
+            }
+        };
+        Ok(batch
+            .rewards
+            .iter()
+            .zip(batch.prompt_ids)
+            .map(|(r, &q)| r - median(q))
+            .collect())
+    }
+}
+
+/// Returns whatever it was built with.
+struct Fixed(Vec<f32>);
+
+impl AdvantageEstimator for Fixed {
+    fn name(&self) -> &str {
+        "fixed"
+    }
+    fn advantages(&self, _: &RolloutRewards<'_>, _: &RewardHistory) -> pgrpo::Result<Vec<f32>> {
+        Ok(self.0.clone())
+    }
+}
+
+#[test]
+fn custom_estimators_run_on_a_checked_batch() {
+    let b = hand_batch();
+    let h = hand_history(HistoryKind::Cumulative);
+    let cfg = AdvantageConfig::default();
+    let adv = cfg.compute_with(&Median, &b.view(), &h).unwrap();
+    // Prompt 10: rewards 1, 0, 0.25, 0.75 → median 0.5; prompt 7: 0.5, 2, −1, 0.5 → 0.5;
+    // prompt 3: all 0.3.
+    let want = [
+        0.5, -0.5, 0.0, -0.25, 1.5, -1.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0,
+    ];
+    assert_values(&adv.values, &want, 1e-7, "median");
+    // Deltas and diagnostics are the batch's, as `compute` gives them.
+    let builtin = cfg.compute(&b.view(), &h).unwrap();
+    assert_eq!(adv.deltas, builtin.deltas);
+    assert_eq!(adv.diagnostics.num_prompts, 3);
+    // Group "formal" (rows 0, 1, 3, 6 and prompt 3): 0.5 − 0.5 − 0.25 + 0.25 + 0 = 0.
+    assert_close(
+        adv.diagnostics.groups[0].advantage_mean,
+        0.0,
+        1e-9,
+        1.0,
+        "mean",
+    );
+    // The built-in estimators through the trait.
+    for est in Estimator::ALL {
+        let c = config(est);
+        let via = c.compute_with(&c, &b.view(), &h).unwrap();
+        assert_eq!(
+            via.values,
+            c.compute(&b.view(), &h).unwrap().values,
+            "{est:?}"
+        );
+        assert_eq!(AdvantageEstimator::name(&c), est.name());
+    }
+    // Bad output is a typed error naming the estimator.
+    let short = cfg.compute_with(&Fixed(vec![0.0; 3]), &b.view(), &h);
+    assert!(matches!(short, Err(Error::Estimator { ref name, .. }) if name == "fixed"));
+    let mut nan = vec![0.0; 12];
+    nan[4] = f32::NAN;
+    let e = cfg.compute_with(&Fixed(nan), &b.view(), &h).unwrap_err();
+    assert!(e.to_string().contains("row 4"), "{e}");
+    // The batch is checked before the estimator runs.
+    let mut bad = b.clone();
+    bad.rewards[2] = f32::INFINITY;
+    assert!(matches!(
+        cfg.compute_with(&Median, &bad.view(), &h),
+        Err(Error::NonFiniteReward { row: 2, .. })
+    ));
+    // A missing reward's row gets 0 whatever the estimator said.
+    let missing = AdvantageConfig {
+        non_finite: NonFinitePolicy::Missing,
+        ..cfg
+    };
+    let adv = missing
+        .compute_with(&Fixed(vec![1.0; 12]), &bad.view(), &h)
+        .unwrap();
+    assert_eq!(adv.values[2], 0.0);
+    assert_eq!(adv.diagnostics.num_missing, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several reward functions
+
+/// Two prompts of three completions in groups `x` and `y`; two functions, `len` (weight 0.5)
+/// and `ok` (weight 2).
+fn two_functions() -> (Batch, Vec<f32>, Vec<String>, Vec<f32>) {
+    let scores = vec![
+        // len, ok
+        2.0, 1.0, //
+        4.0, 0.0, //
+        6.0, 1.0, //
+        1.0, 0.0, //
+        1.0, 0.0, //
+        4.0, 1.0,
+    ];
+    let names = vec!["len".to_string(), "ok".to_string()];
+    let weights = vec![0.5, 2.0];
+    let parts = RewardParts {
+        scores: &scores,
+        names: &names,
+        weights: &weights,
+    };
+    let b = Batch {
+        rewards: parts.combined(),
+        prompt_ids: vec![0, 0, 0, 1, 1, 1],
+        group_ids: vec![0, 0, 0, 1, 1, 1],
+        keys: vec!["x".into(), "y".into()],
+    };
+    (b, scores, names, weights)
+}
+
+#[test]
+fn sum_then_normalize_is_the_estimator_on_the_weighted_sum() {
+    let (b, scores, names, weights) = two_functions();
+    let parts = RewardParts {
+        scores: &scores,
+        names: &names,
+        weights: &weights,
+    };
+    // R = 0.5·len + 2·ok = [3, 2, 5, 0.5, 0.5, 4].
+    assert_eq!(b.rewards, [3.0, 2.0, 5.0, 0.5, 0.5, 4.0]);
+    assert_eq!(parts.column(1), [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+    let h = RewardHistory::default();
+    for est in Estimator::ALL {
+        let cfg = config(est);
+        let a = cfg.compute_parts(&b.view(), &parts, &h).unwrap();
+        let c = cfg.compute(&b.view(), &h).unwrap();
+        assert_eq!(a.values, c.values, "{est:?}");
+        assert_eq!(a.deltas, c.deltas);
+        assert_eq!(cfg.history_keys(&b.keys, &names), b.keys);
+    }
+    // `rewards` must be the weighted sum.
+    let mut wrong = b.clone();
+    wrong.rewards[1] = 2.5;
+    assert!(matches!(
+        config(Estimator::Grpo).compute_parts(&wrong.view(), &parts, &h),
+        Err(Error::InvalidConfig {
+            field: "rewards",
+            ..
+        })
+    ));
+    // Malformed parts.
+    let dup = vec!["len".to_string(), "len".to_string()];
+    let bad = RewardParts {
+        names: &dup,
+        ..parts
+    };
+    assert!(matches!(
+        config(Estimator::Grpo).compute_parts(&b.view(), &bad, &h),
+        Err(Error::InvalidConfig {
+            field: "reward names",
+            ..
+        })
+    ));
+    let bad = RewardParts {
+        scores: &scores[..10],
+        ..parts
+    };
+    assert!(matches!(
+        config(Estimator::Grpo).compute_parts(&b.view(), &bad, &h),
+        Err(Error::LengthMismatch {
+            what: "reward scores",
+            ..
+        })
+    ));
+}
+
+/// GDPO with GRPO, by hand (TRL's `normalize_then_sum`): per function and prompt z-scores,
+/// weighted sum, batch z-score.
+#[test]
+fn normalize_then_sum_with_grpo_by_hand() {
+    let (b, scores, names, weights) = two_functions();
+    let parts = RewardParts {
+        scores: &scores,
+        names: &names,
+        weights: &weights,
+    };
+    let cfg = AdvantageConfig {
+        estimator: Estimator::Grpo,
+        reward_aggregation: RewardAggregation::NormalizeThenSum,
+        eps: 0.0,
+        ..Default::default()
+    };
+    let adv = cfg
+        .compute_parts(&b.view(), &parts, &RewardHistory::default())
+        .unwrap();
+    // len, prompt 0: 2, 4, 6 → mean 4, std 2 → −1, 0, 1; prompt 1: 1, 1, 4 → mean 2, std √3
+    //   → −1/√3, −1/√3, 2/√3.
+    // ok, prompt 0: 1, 0, 1 → mean 2/3, std 1/√3 → 1/√3, −2/√3, 1/√3; prompt 1: 0, 0, 1
+    //   → −1/√3, −1/√3, 2/√3.
+    // S = 0.5·len + 2·ok.
+    let s3 = 3f64.sqrt();
+    let s = [
+        -0.5 + 2.0 / s3,
+        -4.0 / s3,
+        0.5 + 2.0 / s3,
+        -0.5 / s3 - 2.0 / s3,
+        -0.5 / s3 - 2.0 / s3,
+        1.0 / s3 + 4.0 / s3,
+    ];
+    let mean = s.iter().sum::<f64>() / 6.0;
+    let sd = (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+    let want: Vec<f64> = s.iter().map(|x| (x - mean) / sd).collect();
+    assert_values(&adv.values, &want, 1e-5, "gdpo");
+    // The same with TRL's eps: every std + 1e-4.
+    let trl = AdvantageConfig { eps: 1e-4, ..cfg };
+    let adv = trl
+        .compute_parts(&b.view(), &parts, &RewardHistory::default())
+        .unwrap();
+    assert_values(&adv.values, &want, 2e-4, "gdpo, eps 1e-4");
+    // One function: the batch z-score of its GRPO advantages.
+    let one = RewardParts {
+        scores: &scores.iter().step_by(2).copied().collect::<Vec<_>>(),
+        names: &names[..1],
+        weights: &[1.0],
+    };
+    let single = Batch {
+        rewards: one.combined(),
+        ..b.clone()
+    };
+    let adv = cfg
+        .compute_parts(&single.view(), &one, &RewardHistory::default())
+        .unwrap();
+    let g = config(Estimator::Grpo)
+        .compute(&single.view(), &RewardHistory::default())
+        .unwrap()
+        .values;
+    let gm = g.iter().map(|&x| x as f64).sum::<f64>() / 6.0;
+    let gs = (g.iter().map(|&x| (x as f64 - gm).powi(2)).sum::<f64>() / 5.0).sqrt();
+    let want: Vec<f64> = g.iter().map(|&x| (x as f64 - gm) / gs).collect();
+    assert_values(&adv.values, &want, 1e-4, "one function");
+}
+
+/// P-GRPO with a history per (preference group, reward function): each function's reward
+/// against its own history in the row's group, weighted sum, batch z-score; the histories
+/// are folded in under their own keys.
+#[test]
+fn pgrpo_with_a_history_per_group_and_function_by_hand() {
+    let (b, scores, names, weights) = two_functions();
+    let parts = RewardParts {
+        scores: &scores,
+        names: &names,
+        weights: &weights,
+    };
+    // Histories (8 rewards each, population-free sample std):
+    // x/len: 0, 4 ×4 each → μ 2, σ² = 8·4/7 → σ = 2.13809; x/ok: 0, 1 ×4 → μ 0.5, σ = 0.53452
+    // y/len: 1, 3 ×4 → μ 2, σ = 1.06904;                  y/ok: same as x/ok.
+    let alt = |a: f32, c: f32| [a, c, a, c, a, c, a, c];
+    let mut h = RewardHistory::default();
+    h.update(part_key(&"x".into(), "len"), &alt(0.0, 4.0))
+        .unwrap();
+    h.update(part_key(&"x".into(), "ok"), &alt(0.0, 1.0))
+        .unwrap();
+    h.update(part_key(&"y".into(), "len"), &alt(1.0, 3.0))
+        .unwrap();
+    h.update(part_key(&"y".into(), "ok"), &alt(0.0, 1.0))
+        .unwrap();
+    let cfg = AdvantageConfig {
+        estimator: Estimator::PGrpo,
+        reward_aggregation: RewardAggregation::NormalizeThenSum,
+        eps: 0.0,
+        std_floor: 1e-9,
+        ..Default::default()
+    };
+    let adv = cfg.compute_parts(&b.view(), &parts, &h).unwrap();
+    let (sl_x, sl_y, so) = (
+        (32.0f64 / 7.0).sqrt(),
+        (8.0f64 / 7.0).sqrt(),
+        (2.0f64 / 7.0).sqrt(),
+    );
+    // len: x rows (2, 4, 6 − 2)/σ, y rows (1, 1, 4 − 2)/σ; ok: (ok − 0.5)/σ.
+    let len = [
+        0.0,
+        2.0 / sl_x,
+        4.0 / sl_x,
+        -1.0 / sl_y,
+        -1.0 / sl_y,
+        2.0 / sl_y,
+    ];
+    let ok = [
+        0.5 / so,
+        -0.5 / so,
+        0.5 / so,
+        -0.5 / so,
+        -0.5 / so,
+        0.5 / so,
+    ];
+    let s: Vec<f64> = (0..6).map(|i| 0.5 * len[i] + 2.0 * ok[i]).collect();
+    let mean = s.iter().sum::<f64>() / 6.0;
+    let sd = (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+    let want: Vec<f64> = s.iter().map(|x| (x - mean) / sd).collect();
+    assert_values(&adv.values, &want, 1e-5, "per-function P-GRPO");
+    assert!(adv.diagnostics.groups.iter().all(|g| g.used_history));
+    // The groups' history of R and one per (function, group), function-major.
+    let keys = cfg.history_keys(&b.keys, &names);
+    let want_keys: Vec<GroupKey> = ["x", "y", "x/len", "y/len", "x/ok", "y/ok"]
+        .into_iter()
+        .map(GroupKey::from)
+        .collect();
+    assert_eq!(keys, want_keys);
+    let mut folded = h.clone();
+    cfg.compute_parts_and_update(&b.view(), &parts, &mut folded)
+        .unwrap();
+    let stats = |k: &str| folded.stats(&k.into()).unwrap();
+    assert_eq!(stats("x").n, 3);
+    assert_close(stats("x").mean, 10.0 / 3.0, 1e-12, 1.0, "x");
+    assert_eq!(stats("x/len").n, 11);
+    assert_close(
+        stats("x/len").mean,
+        (16.0 + 12.0) / 11.0,
+        1e-12,
+        1.0,
+        "x/len",
+    );
+    assert_close(stats("y/ok").mean, (4.0 + 1.0) / 11.0, 1e-12, 1.0, "y/ok");
+    // A function's history that is cold falls back for that function only.
+    let mut part = h.clone();
+    part.clear();
+    part.update(part_key(&"x".into(), "len"), &alt(0.0, 4.0))
+        .unwrap();
+    let adv = cfg.compute_parts(&b.view(), &parts, &part).unwrap();
+    assert!(adv.diagnostics.groups.iter().all(|g| !g.used_history));
 }

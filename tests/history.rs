@@ -841,3 +841,201 @@ fn hundred_million_pushes_match_kahan_two_pass() {
     assert_close(m.mean, mean, 1e-12, 1.0, "mean");
     assert_close(m.m2, m2, 1e-9, 0.0, "m2");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batch deltas from outside (issue 12, defect 7)
+
+/// A batch's deltas for `kind` (groups "a" and "b"), as JSON.
+fn deltas_json(kind: HistoryKind) -> (Vec<GroupKey>, Value) {
+    let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
+    let rewards = [0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0];
+    let batch = pgrpo::RolloutRewards {
+        rewards: &rewards,
+        prompt_ids: &[0, 0, 0, 1, 1, 1],
+        group_ids: &[0, 0, 0, 1, 1, 1],
+        group_keys: &keys,
+    };
+    let h = RewardHistory::new(kind).unwrap();
+    let cfg = pgrpo::AdvantageConfig::default();
+    let adv = cfg.compute(&batch, &h).unwrap();
+    (
+        keys,
+        serde_json::from_str(&adv.deltas.to_json().unwrap()).unwrap(),
+    )
+}
+
+/// Deltas a peer could send that no batch of `f32` rewards produces. Each is refused by
+/// `BatchDeltas::from_json` (and by serde); the old check (finite sums, `w <= count`,
+/// `(count == 0) == (w == 0)`) accepted the first six, and folding them in gave a history
+/// that saved but did not load again: a later checkpoint was unloadable. The test asserts,
+/// for every case, that whatever is accepted folds into a history that round-trips, and that
+/// each case is refused; on the old code the round trip fails for the first six.
+#[test]
+fn crafted_deltas_are_refused_or_keep_the_history_loadable() {
+    let ema = HistoryKind::Exponential { half_life: 4.0 };
+    let win = HistoryKind::Window { size: 8 };
+    type Edit = fn(&mut Value);
+    let cases: Vec<(&str, HistoryKind, Edit)> = vec![
+        // Cumulative weights must equal counts (the format checks weight = count = seen).
+        (
+            "cumulative weight below count",
+            HistoryKind::Cumulative,
+            |d| d["w"] = json!(1.0),
+        ),
+        // Exponential weights are bounded by 1/(1 − d) (here 6.3); 1000 pushes give ~6.3.
+        ("exponential weight of an undecayed count", ema, |d| {
+            d["count"] = json!(1000);
+            d["w"] = json!(1000.0)
+        }),
+        // A mean far beyond f32: merging it with the stored mean overflows M2 to infinity.
+        ("a mean of 1e300", HistoryKind::Cumulative, |d| {
+            d["shift"] = json!(1e300);
+            d["s1"] = json!(0.0);
+            d["s2"] = json!(0.0)
+        }),
+        // The same through a window's values.
+        ("window values of 1e300", win, |d| {
+            d["values"][0] = json!(1e300);
+            d["values"][1] = json!(-1e300)
+        }),
+        // More rewards than a u64 `seen` can add (it wrapped around in release builds).
+        ("count near u64::MAX", HistoryKind::Cumulative, |d| {
+            d["count"] = json!(u64::MAX);
+            d["w"] = json!(u64::MAX as f64)
+        }),
+        // An exponential delta of weight below 1 (every push adds 1).
+        ("exponential weight below 1", ema, |d| d["w"] = json!(0.5)),
+        // Refused by the old check too.
+        (
+            "an empty delta with a weight",
+            HistoryKind::Cumulative,
+            |d| d["count"] = json!(0),
+        ),
+        ("negative s2", HistoryKind::Cumulative, |d| {
+            d["s2"] = json!(-1.0)
+        }),
+        ("a window delta with sums", win, |d| d["s1"] = json!(1.0)),
+        ("a window value that is not an f32", win, |d| {
+            d["values"][0] = json!(0.1f64)
+        }),
+    ];
+    for (what, kind, edit) in cases {
+        let (keys, mut v) = deltas_json(kind);
+        // The untouched deltas are accepted and round-trip.
+        let good = pgrpo::history::BatchDeltas::from_json(&v.to_string()).unwrap();
+        let mut h = populated(kind);
+        h.update("a", &[0.0, 1.0, 2.0]).unwrap();
+        let mut ok = h.clone();
+        ok.apply(&keys, good).unwrap();
+        RewardHistory::from_json(&ok.to_json().unwrap()).unwrap();
+
+        edit(&mut v["deltas"][0]);
+        let json = v.to_string();
+        let parsed = pgrpo::history::BatchDeltas::from_json(&json);
+        if let Ok(d) = &parsed {
+            let mut folded = h.clone();
+            folded.apply(&keys, d.clone()).unwrap();
+            let back = folded.to_json().and_then(|j| RewardHistory::from_json(&j));
+            assert!(
+                back.is_ok(),
+                "{what}: accepted, but the history it makes does not load: {:?}",
+                back.err()
+            );
+        }
+        assert!(
+            matches!(parsed, Err(Error::InvalidHistory { .. })),
+            "{what}: {:?}",
+            parsed.map(|_| "accepted")
+        );
+        let via_serde: Result<pgrpo::history::BatchDeltas, _> = serde_json::from_str(&json);
+        assert!(via_serde.is_err(), "{what}: accepted through serde");
+    }
+}
+
+/// A fold that would take a group past 2⁵³ rewards (where its count stops converting to f64
+/// exactly) is refused and changes nothing.
+#[test]
+fn apply_refuses_to_overfill_a_group() {
+    let mut h = RewardHistory::default();
+    h.update("a", &[1.0, 2.0]).unwrap();
+    let full = edited(&h, |v| {
+        let n = (1u64 << 53) - 1;
+        v["groups"][0]["seen"] = json!(n);
+        v["groups"][0]["count"] = json!(n);
+        v["groups"][0]["weight"] = json!(n as f64);
+    });
+    let mut h = RewardHistory::from_json(&full).unwrap();
+    let before = h.clone();
+    let (keys, v) = deltas_json(HistoryKind::Cumulative);
+    let d = pgrpo::history::BatchDeltas::from_json(&v.to_string()).unwrap();
+    assert!(matches!(
+        h.apply(&keys, d),
+        Err(Error::InvalidHistory { group: Some(ref g), .. }) if g == "a"
+    ));
+    assert_eq!(h, before);
+}
+
+/// The format refuses means and spreads that `f32` rewards cannot give (they would overflow
+/// when later rewards are merged in).
+#[test]
+fn the_format_refuses_statistics_beyond_f32_rewards() {
+    let h = populated(HistoryKind::Cumulative);
+    for (what, edit) in [
+        (
+            "mean",
+            (|g: &mut Value| g["mean"] = json!(1e300)) as fn(&mut Value),
+        ),
+        ("m2", |g| g["m2"] = json!(1e300)),
+    ] {
+        let json = edited(&h, |v| edit(&mut v["groups"][0]));
+        assert!(
+            matches!(
+                RewardHistory::from_json(&json),
+                Err(Error::InvalidHistory { .. })
+            ),
+            "{what}"
+        );
+    }
+    let win = populated(HistoryKind::Window { size: 4 });
+    let json = edited(&win, |v| v["groups"][0]["window"][0] = json!(1e300));
+    assert!(matches!(
+        RewardHistory::from_json(&json),
+        Err(Error::InvalidHistory { .. })
+    ));
+}
+
+/// The checks accept what a batch really produces, for any kind: a long half-life (where the
+/// weight `(1 − d^n)/(1 − d)` is computed with little cancellation to spare) and a batch large
+/// enough to be summed in several chunks.
+#[test]
+fn real_deltas_of_every_kind_are_accepted() {
+    let n = 100_000;
+    let keys: Vec<GroupKey> = vec!["a".into(), "b".into()];
+    let mut r = rng(8);
+    let rewards = common::rewards(&mut r, n);
+    let prompt_ids: Vec<u32> = (0..n as u32).map(|i| i / 4).collect();
+    let group_ids: Vec<u32> = (0..n as u32).map(|i| (i / 4) % 2).collect();
+    let batch = pgrpo::RolloutRewards {
+        rewards: &rewards,
+        prompt_ids: &prompt_ids,
+        group_ids: &group_ids,
+        group_keys: &keys,
+    };
+    for kind in [
+        HistoryKind::Cumulative,
+        HistoryKind::Exponential { half_life: 0.5 },
+        HistoryKind::Exponential { half_life: 64.0 },
+        HistoryKind::Exponential { half_life: 1e9 },
+        HistoryKind::Window { size: 1000 },
+    ] {
+        let h = RewardHistory::new(kind).unwrap();
+        let adv = pgrpo::AdvantageConfig::default()
+            .compute(&batch, &h)
+            .unwrap();
+        let back = pgrpo::history::BatchDeltas::from_json(&adv.deltas.to_json().unwrap());
+        assert_eq!(back.as_ref().ok(), Some(&adv.deltas), "{kind:?}: {back:?}");
+        let mut folded = h.clone();
+        folded.apply(&keys, back.unwrap()).unwrap();
+        RewardHistory::from_json(&folded.to_json().unwrap()).unwrap();
+    }
+}

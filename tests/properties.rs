@@ -2,7 +2,7 @@
 //!
 //! Case counts are kept modest (`PROPTEST_CASES` overrides them) so the suite stays fast.
 
-use pgrpo::advantage::{ColdStart, NonFinitePolicy, UpdateOrder};
+use pgrpo::advantage::{ColdStart, Level, LevelOptions, NonFinitePolicy, UpdateOrder};
 use pgrpo::{
     AdvantageConfig, Error, Estimator, GroupKey, HistoryKind, RewardHistory, RolloutRewards,
 };
@@ -165,11 +165,11 @@ fn configs() -> Vec<AdvantageConfig> {
             ColdStart::Batch,
             ColdStart::HistoryWithBatch,
         ] {
-            if est != Estimator::PGrpo && cold != ColdStart::PerPrompt {
+            if !est.is_group_aware() && cold != ColdStart::PerPrompt {
                 continue;
             }
             for order in [UpdateOrder::BeforeBatch, UpdateOrder::AfterBatch] {
-                if est != Estimator::PGrpo && order == UpdateOrder::AfterBatch {
+                if !est.is_group_aware() && order == UpdateOrder::AfterBatch {
                     continue;
                 }
                 let mut c = AdvantageConfig {
@@ -181,6 +181,18 @@ fn configs() -> Vec<AdvantageConfig> {
                 c.pgrpo.min_count = 4;
                 out.push(c);
             }
+        }
+    }
+    // Every pair of levels.
+    for mean in Level::ALL {
+        for std in Level::ALL {
+            let mut c = AdvantageConfig {
+                estimator: Estimator::Levels,
+                levels: LevelOptions { mean, std },
+                ..Default::default()
+            };
+            c.pgrpo.min_count = 4;
+            out.push(c);
         }
     }
     out
@@ -272,7 +284,10 @@ proptest! {
             history_of(HistoryKind::Cumulative, &base_hist),
             history_of(HistoryKind::Cumulative, &moved_hist),
         );
-        for est in [Estimator::Grpo, Estimator::BatchZScore, Estimator::GrpoBatchStd, Estimator::PGrpo] {
+        for est in [
+            Estimator::Grpo, Estimator::BatchZScore, Estimator::GrpoBatchStd, Estimator::PGrpo,
+            Estimator::AnnealedOffset, Estimator::JamesStein, Estimator::Blend, Estimator::Levels,
+        ] {
             let eps = 1e-3f32;
             let cfg0 = AdvantageConfig { estimator: est, eps, ..Default::default() };
             let cfg1 = AdvantageConfig { estimator: est, eps: eps * s.abs(), ..Default::default() };

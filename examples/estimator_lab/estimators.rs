@@ -13,9 +13,13 @@
 //! ```
 //!
 //! Every group-aware rule falls back to GRPO for a prompt whose group is *cold*: fewer than
-//! `min_count = 8` rewards, an undefined std, or (all rules except the crate-exact `p_grpo`)
-//! a **degenerate** history whose rewards are all equal (`σ_p ≤ 1e-6·|μ_p|`), the fix of
-//! issue 12's defect 2.
+//! `min_count = 8` rewards, an undefined std, or (all rules except `p_grpo_nofix`) a
+//! **degenerate** history whose rewards are all equal (`σ_p ≤ 1e-6·|μ_p|`), the fix of
+//! issue 12's defect 2, which the crate now makes too.
+//!
+//! [`Rule::Crate`] is not a prototype: the run uses the crate's own estimator (any
+//! [`AdvantageConfig`]) and the lab does not touch the advantages. Phase 2's study runs only
+//! those, so that it measures what ships.
 //!
 //! Rules are named on the command line as `name` or `name:key=value,key=value`; see
 //! [`Rule::parse`] and [`Rule::catalogue`] for each one's equation.
@@ -23,8 +27,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use pgrpo::advantage::{AnnealOptions, Level as CrateLevel, LevelOptions};
 use pgrpo::history::{RunningMoments, Variance};
-use pgrpo::{GroupKey, HistoryKind, RewardHistory};
+use pgrpo::{AdvantageConfig, Estimator, GroupKey, HistoryKind, RewardHistory};
 
 use crate::batch::{finite_f32, BatchView, PromptView};
 
@@ -77,10 +82,14 @@ impl Level {
 pub enum Rule {
     /// GRPO (crate-exact).
     Grpo,
-    /// P-GRPO as the crate computes it (crate-exact, including the zero-std blow-up).
+    /// P-GRPO as the crate computes it (crate-exact; a degenerate history is cold).
     PGrpo,
-    /// P-GRPO with the degenerate-history fix.
-    PGrpoFix,
+    /// P-GRPO as the crate computed it before issue 12's fix (a degenerate history is
+    /// divided by `eps`: the zero-std blow-up).
+    PGrpoNoFix,
+    /// The crate's own estimator, configured by `cfg` (not a prototype: the lab leaves the
+    /// trainer's advantages alone). `label` names it in tables.
+    Crate { label: String, cfg: AdvantageConfig },
     /// Diagnosis: `A = c·Â + o·(μ_q − μ_p)/σ_p`, the contrast scaled by the prompt
     /// (`contrast = prompt`: `c = 1`) or by the group (`contrast = group`: `c = σ_q/σ_p`),
     /// the offset on or off.
@@ -115,7 +124,8 @@ impl fmt::Display for Rule {
         match self {
             Rule::Grpo => write!(f, "grpo"),
             Rule::PGrpo => write!(f, "p_grpo"),
-            Rule::PGrpoFix => write!(f, "p_grpo_fix"),
+            Rule::PGrpoNoFix => write!(f, "p_grpo_nofix"),
+            Rule::Crate { label, .. } => write!(f, "{label}"),
             Rule::Factor {
                 contrast_group,
                 offset,
@@ -182,8 +192,9 @@ impl Rule {
         };
         Ok(match name {
             "grpo" => Rule::Grpo,
-            "p_grpo" => Rule::PGrpo,
-            "p_grpo_fix" => Rule::PGrpoFix,
+            // `p_grpo_fix` was phase 1's name for what the crate's P-GRPO is now.
+            "p_grpo" | "p_grpo_fix" => Rule::PGrpo,
+            "p_grpo_nofix" => Rule::PGrpoNoFix,
             "factor" => Rule::Factor {
                 contrast_group: match kv.get("contrast").copied().unwrap_or("group") {
                     "group" => true,
@@ -235,6 +246,52 @@ impl Rule {
         })
     }
 
+    /// A crate estimator: its name (`grpo`, `p_grpo`, `annealed_offset`, `james_stein`,
+    /// `blend`, `levels`, ...) with options after a `:`: `annealed_offset:n0=512`,
+    /// `levels:prompt/group` (mean level / std level). Every other option is the crate's
+    /// default.
+    pub fn parse_crate(s: &str) -> Result<Self, String> {
+        let (name, args) = s.split_once(':').unwrap_or((s, ""));
+        let estimator: Estimator = name.parse().map_err(|e| format!("{s}: {e}"))?;
+        let mut cfg = AdvantageConfig {
+            estimator,
+            ..Default::default()
+        };
+        for part in args.split(',').filter(|p| !p.is_empty()) {
+            match (estimator, part.split_once('=')) {
+                (Estimator::AnnealedOffset, Some(("n0", v))) => {
+                    cfg.anneal = AnnealOptions {
+                        n0: v.parse().map_err(|_| format!("{s}: n0 must be a number"))?,
+                    }
+                }
+                (Estimator::Levels, None) => {
+                    let (m, d) = part
+                        .split_once('/')
+                        .ok_or_else(|| format!("{s}: levels:<mean>/<std>"))?;
+                    let level = |x: &str| x.parse::<CrateLevel>().map_err(|e| format!("{s}: {e}"));
+                    cfg.levels = LevelOptions {
+                        mean: level(m)?,
+                        std: level(d)?,
+                    };
+                }
+                _ => return Err(format!("{s}: unknown option {part:?}")),
+            }
+        }
+        cfg.validate().map_err(|e| format!("{s}: {e}"))?;
+        Ok(Rule::Crate {
+            label: s.to_string(),
+            cfg,
+        })
+    }
+
+    /// The crate estimator the run uses (`Rule::Crate`), if any.
+    pub fn crate_config(&self) -> Option<AdvantageConfig> {
+        match self {
+            Rule::Crate { cfg, .. } => Some(*cfg),
+            _ => None,
+        }
+    }
+
     /// Whether the rule reads the oracle (diagnosis only; meaningless under shuffled labels).
     pub fn uses_oracle(&self) -> bool {
         matches!(self, Rule::Oracle { .. })
@@ -243,8 +300,10 @@ impl Rule {
     /// The equations, for `--help` and the report.
     pub fn catalogue() -> &'static str {
         "grpo                      Â = (R−μ_q)/(σ_q+ε); 0 on a zero-spread prompt
-p_grpo                    (R−μ_p)/(σ_p+ε), crate-exact (no degenerate-history fix)
-p_grpo_fix                p_grpo, a degenerate history (all rewards equal) counts as cold
+p_grpo                    (R−μ_p)/(σ_p+ε), crate-exact (a degenerate history counts as cold;
+                              p_grpo_fix is another name for it)
+p_grpo_nofix              p_grpo as the crate computed it before the fix of issue 12 (a history
+                              of equal rewards is divided by ε)
 factor:contrast=C,offset=O  c·Â + o·(μ_q−μ_p)/σ_p, c = σ_q/σ_p (C=group) or 1 (C=prompt)
 oracle:mean=M,std=S       (R−m)/s with m = μ* (M) or μ_p, s = σ* (S) or σ_p   [diagnosis]
 only:majority|minorities  p_grpo on label g0 only / on every label but g0      [diagnosis]
@@ -476,14 +535,16 @@ impl LabEstimator {
         };
         match &self.rule {
             Rule::Grpo => Norm::Grpo,
-            Rule::PGrpo => match self.hist(key, false) {
+            Rule::PGrpo => match self.hist(key, true) {
                 Some(h) => centre(h.mean, h.std),
                 None => Norm::Grpo,
             },
-            Rule::PGrpoFix => match self.hist(key, true) {
+            Rule::PGrpoNoFix => match self.hist(key, false) {
                 Some(h) => centre(h.mean, h.std),
                 None => Norm::Grpo,
             },
+            // The run uses the crate's advantages (see `sim::run`): never reached.
+            Rule::Crate { .. } => Norm::Grpo,
             Rule::Factor {
                 contrast_group,
                 offset,

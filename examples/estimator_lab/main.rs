@@ -6,6 +6,7 @@
 //! cargo run --release --example estimator_lab -- verify      # lab grpo/p_grpo == crate, bit for bit
 //! cargo run --release --example estimator_lab -- diagnose    # the mechanism, table + docs/ plot
 //! cargo run --release --example estimator_lab -- study       # candidates × settings × G, paired CIs
+//! cargo run --release --example estimator_lab -- phase2      # the crate's estimators: the study
 //! ```
 //!
 //! Every run uses the crate's [`Trainer`](pgrpo::Trainer) on the preference bandit exactly as
@@ -27,6 +28,23 @@
 //! | `small`   | 70% / 1.0, 15% / 0.5, 12% / 0.2, 3% / 0.05 | 0.5 | 0.1 |
 //!
 //! All settings have 5 actions, 16 prompts per step, Adam (lr 0.05), 200 steps.
+//!
+//! `phase2` (issue 13's study) runs the **crate's** estimators (`Rule::Crate`: the trainer's
+//! own advantages, untouched) on a grid of reward regimes × group layouts, named
+//! `<regime>/<layout>`:
+//!
+//! | regime | majority action for others | noise |
+//! |---|---|---|
+//! | `continuous` | 0.5 | 0.1 |
+//! | `sparse` (0/1 rewards) | 0 | 0 |
+//! | `noisy` | 0.5 | 0.5 |
+//!
+//! | layout | groups (share / reward scale) | actions |
+//! |---|---|---|
+//! | `two` | 97% / 1.0, 3% / 0.05 | 5 |
+//! | `three` | 80% / 1.0, 15% / 0.3, 5% / 0.1 (= `default`) | 5 |
+//! | `four` | 70% / 1.0, 15% / 0.5, 12% / 0.2, 3% / 0.05 (= `small`) | 5 |
+//! | `six` | 40% / 1.0, 25% / 0.6, 15% / 0.3, 10% / 0.2, 7% / 0.1, 3% / 0.05 | 8 |
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -34,6 +52,7 @@ mod common;
 mod batch;
 mod diagnose;
 mod estimators;
+mod paired;
 mod report;
 mod sim;
 mod study;
@@ -133,6 +152,110 @@ enum Cmd {
         #[arg(long, default_value = "study")]
         name: String,
     },
+    /// Paired differences between estimators in another example's curve CSV (MovieLens,
+    /// personas), per group and for the macro mean.
+    Paired {
+        /// The CSV (long format: estimator, seed, step, group, value columns).
+        #[arg(long)]
+        csv: PathBuf,
+        /// The group column (`group` for MovieLens, `persona` for the persona task).
+        #[arg(long, default_value = "group")]
+        group_col: String,
+        /// The value column (`hit_rate`, `reward`).
+        #[arg(long, default_value = "hit_rate")]
+        value_col: String,
+        /// Keep only rows with `column=value` (e.g. `source=eval`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Steps to compare (default: the last).
+        #[arg(long, value_delimiter = ',')]
+        at: Vec<usize>,
+        /// The estimators every other is compared with.
+        #[arg(long, default_value = "grpo,p_grpo", value_delimiter = ',')]
+        bases: Vec<String>,
+        /// Title of the markdown.
+        #[arg(long, default_value = "Paired differences")]
+        title: String,
+        /// Name of the markdown output under --out.
+        #[arg(long, default_value = "paired")]
+        name: String,
+    },
+    /// Issue 13's study of the crate's estimators: regimes × layouts × G, every estimator
+    /// and the shuffled-label ablation of the group-aware ones, paired differences against
+    /// GRPO and P-GRPO, steps to 90%, the default bar's verdict, one markdown table.
+    Phase2 {
+        /// Reward regimes: continuous, sparse, noisy.
+        #[arg(long, default_value = "continuous,sparse,noisy", value_delimiter = ',')]
+        regimes: Vec<String>,
+        /// Group layouts: two, three, four, six.
+        #[arg(long, default_value = "two,three,four,six", value_delimiter = ',')]
+        layouts: Vec<String>,
+        /// G values.
+        #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
+        g: Vec<usize>,
+        /// Crate estimators (`;`-separated; `name` or `name:options`, e.g.
+        /// `annealed_offset:n0=512`, `levels:prompt/group`); grpo and p_grpo are always run.
+        #[arg(
+            long,
+            default_value = "annealed_offset;james_stein;blend;levels:prompt/group",
+            value_delimiter = ';'
+        )]
+        estimators: Vec<String>,
+        /// Estimators also run with shuffled labels (`;`-separated).
+        #[arg(
+            long,
+            default_value = "p_grpo;annealed_offset;james_stein;blend;levels:prompt/group",
+            value_delimiter = ';'
+        )]
+        shuffled: Vec<String>,
+        /// The early step of the paired comparison.
+        #[arg(long, default_value_t = 66)]
+        early: usize,
+        /// Name of the markdown/CSV outputs under --out.
+        #[arg(long, default_value = "phase2")]
+        name: String,
+    },
+}
+
+/// A reward regime of phase 2: `(majority_quality, noise)`.
+fn regime(name: &str) -> Result<(f32, f32), String> {
+    match name {
+        "continuous" => Ok((0.5, 0.1)),
+        "sparse" => Ok((0.0, 0.0)),
+        "noisy" => Ok((0.5, 0.5)),
+        _ => Err(format!(
+            "unknown regime {name:?}: continuous, sparse, noisy"
+        )),
+    }
+}
+
+/// A group layout of phase 2: `(frequencies, scales, actions)`.
+fn layout(name: &str) -> Result<(Vec<f64>, Vec<f32>, usize), String> {
+    match name {
+        "two" => Ok((vec![0.97, 0.03], vec![1.0, 0.05], 5)),
+        "three" => Ok((vec![0.80, 0.15, 0.05], vec![1.0, 0.3, 0.1], 5)),
+        "four" => Ok((vec![0.70, 0.15, 0.12, 0.03], vec![1.0, 0.5, 0.2, 0.05], 5)),
+        "six" => Ok((
+            vec![0.40, 0.25, 0.15, 0.10, 0.07, 0.03],
+            vec![1.0, 0.6, 0.3, 0.2, 0.1, 0.05],
+            8,
+        )),
+        _ => Err(format!("unknown layout {name:?}: two, three, four, six")),
+    }
+}
+
+/// The setting `<regime>/<layout>`.
+fn grid_setting(regime_name: &str, layout_name: &str) -> Result<Setting, String> {
+    let (majority_quality, noise) = regime(regime_name)?;
+    let (frequencies, scales, actions) = layout(layout_name)?;
+    Ok(Setting {
+        name: format!("{regime_name}/{layout_name}"),
+        frequencies,
+        scales,
+        actions,
+        majority_quality,
+        noise,
+    })
 }
 
 /// A named setting.
@@ -264,6 +387,75 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 cli.threads,
                 *plot_g,
                 plot,
+            )?;
+        }
+        Cmd::Paired {
+            csv,
+            group_col,
+            value_col,
+            filter,
+            at,
+            bases,
+            title,
+            name,
+        } => {
+            let filter = filter
+                .as_deref()
+                .map(|f| f.split_once('=').ok_or("--filter column=value"))
+                .transpose()?;
+            paired::paired(
+                csv,
+                group_col,
+                value_col,
+                filter,
+                at,
+                bases,
+                title,
+                &cli.out.join(format!("{name}.md")),
+            )?;
+        }
+        Cmd::Phase2 {
+            regimes,
+            layouts,
+            g,
+            estimators,
+            shuffled,
+            early,
+            name,
+        } => {
+            let mut settings = Vec::new();
+            for r in regimes {
+                for l in layouts {
+                    settings.push(grid_setting(r, l)?);
+                }
+            }
+            let mut all = vec![Rule::parse_crate("grpo")?, Rule::parse_crate("p_grpo")?];
+            for e in estimators
+                .iter()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+            {
+                let r = Rule::parse_crate(e)?;
+                if !all.contains(&r) {
+                    all.push(r);
+                }
+            }
+            let shuffled = shuffled
+                .iter()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(Rule::parse_crate)
+                .collect::<Result<Vec<_>, _>>()?;
+            study::study(
+                &settings,
+                &sched,
+                g,
+                &all,
+                &shuffled,
+                &seeds,
+                cli.threads,
+                *early,
+                &cli.out.join(name),
             )?;
         }
         Cmd::Study {

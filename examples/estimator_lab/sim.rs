@@ -8,7 +8,10 @@
 use candle_core::Device;
 use pgrpo::models::TabularPolicy;
 use pgrpo::tasks::bandit::PreferenceBandit;
-use pgrpo::{Estimator, GroupKey, GroupedPrompt, HistoryKind, Policy, Trainer, TrainerConfig};
+use pgrpo::{
+    AdvantageConfig, Estimator, GroupKey, GroupedPrompt, HistoryKind, Policy, Trainer,
+    TrainerConfig,
+};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -87,7 +90,7 @@ pub struct RunSpec {
     pub seed: u64,
     /// Run the trainer with this crate estimator and check, at every step, that the lab's
     /// advantages equal the crate's bit for bit.
-    pub verify: Option<Estimator>,
+    pub verify: Option<AdvantageConfig>,
     /// Record the per-step diagnostics.
     pub diagnose: bool,
 }
@@ -188,7 +191,17 @@ pub fn run(
         history: HistoryKind::Cumulative,
         ..Default::default()
     };
-    cfg.advantage.estimator = spec.verify.unwrap_or(Estimator::Grpo);
+    let crate_rule = spec.rule.crate_config();
+    if crate_rule.is_some() && (spec.diagnose || spec.verify.is_some()) {
+        return Err("a crate estimator is neither diagnosed nor verified".into());
+    }
+    cfg.advantage = match (crate_rule, spec.verify) {
+        (Some(c), _) | (None, Some(c)) => c,
+        (None, None) => AdvantageConfig {
+            estimator: Estimator::Grpo,
+            ..Default::default()
+        },
+    };
     let policy = bandit.policy(&Device::Cpu)?;
     let mut trainer = Trainer::new(policy, bandit.reward_fn(seed.wrapping_mul(7919) + 1), cfg)?;
     let mut data_rng = StdRng::seed_from_u64(seed.wrapping_mul(104_729) + 3);
@@ -222,6 +235,13 @@ pub fn run(
             Vec::new()
         };
         let mut rollout = trainer.rollout(&batch)?;
+        if crate_rule.is_some() {
+            // The crate's estimator: the lab only counts blow-ups.
+            est.blowups += rollout.advantages.iter().filter(|a| a.abs() > 50.0).count() as u64;
+            trainer.update(rollout)?;
+            curves.push(bandit.evaluate(trainer.policy())?);
+            continue;
+        }
         let true_groups: Vec<usize> = groups.iter().map(|&g| g as usize).collect();
         let view = BatchView::new(
             &rollout.rewards,

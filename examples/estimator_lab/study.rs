@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 
-use pgrpo::Estimator;
+use pgrpo::{AdvantageConfig, Estimator};
 
 use crate::common::mean_ci;
 use crate::estimators::Rule;
@@ -26,9 +26,22 @@ pub fn verify(
     threads: usize,
     out: &Path,
 ) -> Result<(), Err> {
+    let crate_cfg = |estimator| AdvantageConfig {
+        estimator,
+        ..Default::default()
+    };
+    // The lab's count-annealed offset against the crate's, which ports it.
     let arms = [
-        (Rule::Grpo, Estimator::Grpo, "grpo"),
-        (Rule::PGrpo, Estimator::PGrpo, "p_grpo"),
+        (Rule::Grpo, crate_cfg(Estimator::Grpo), "grpo"),
+        (Rule::PGrpo, crate_cfg(Estimator::PGrpo), "p_grpo"),
+        (
+            Rule::AnnealCount {
+                n0: 2048.0,
+                prompt_scale: true,
+            },
+            crate_cfg(Estimator::AnnealedOffset),
+            "anneal:n0=2048,scale=prompt",
+        ),
     ];
     let mut jobs = Vec::new();
     for &g in gs {
@@ -226,6 +239,10 @@ pub fn study(
     );
     // Verdict bookkeeping: per arm, cells where the smallest group ends significantly below
     // GRPO, and cells where P-GRPO is significantly ahead early and the arm is not.
+    // The compact summary: per cell, each arm's smallest-group Δ vs GRPO early / at the end;
+    // and per arm, runs whose smallest group ends below 0.9 of its optimum.
+    let mut summary: Vec<(String, Vec<String>)> = Vec::new();
+    let mut stuck: HashMap<String, (usize, usize)> = HashMap::new();
     let mut worse_end: HashMap<String, Vec<String>> = HashMap::new();
     let mut lost_early: HashMap<String, Vec<String>> = HashMap::new();
     let mut gained_early: HashMap<String, Vec<String>> = HashMap::new();
@@ -261,6 +278,7 @@ pub fn study(
                 };
             let cell = format!("{} G={g}", st.name);
             let pg_early_gain = sig_pos(&diffs(pg, grpo, early, small));
+            let mut row = Vec::new();
             let _ = writeln!(
                 md,
                 "## {} G = {g}: smallest group g{small} ({:.0}%, scale {}){}\n",
@@ -291,6 +309,13 @@ pub fn study(
                 } else {
                     name.clone()
                 };
+                row.push(format!("{} / {}", fmt_diff(&d_early), fmt_diff(&d_end)));
+                let st_ = stuck.entry(label.clone()).or_default();
+                st_.0 += runs
+                    .iter()
+                    .filter(|(_, o)| o.curves[end][small] < 0.9)
+                    .count();
+                st_.1 += runs.len();
                 let _ = writeln!(
                     md,
                     "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {blow} |",
@@ -326,8 +351,36 @@ pub fn study(
                 }
             }
             let _ = writeln!(md);
+            summary.push((cell, row));
         }
     }
+    let labels: Vec<String> = arm_names
+        .iter()
+        .map(|(n, sh)| if *sh { format!("sh:{n}") } else { n.clone() })
+        .collect();
+    let _ = writeln!(
+        md,
+        "## Summary: the smallest group, Δ vs GRPO at step {early} / at step {end}\n\n\
+         Mean ± 95% t-interval of the paired difference over seeds (`*`: excludes 0); `sh:` = \
+         shuffled labels. Per-cell details (absolute values, Δ vs P-GRPO, steps to 90%) above.\n"
+    );
+    let _ = writeln!(md, "| cell | {} |", labels.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(labels.len()));
+    for (cell, row) in &summary {
+        let _ = writeln!(md, "| {cell} | {} |", row.join(" | "));
+    }
+    let _ = writeln!(
+        md,
+        "\nRuns whose smallest group ends below 0.9 of its optimum (all cells): {}\n",
+        labels
+            .iter()
+            .map(|l| {
+                let (k, n) = stuck.get(l).copied().unwrap_or_default();
+                format!("{l} {k}/{n}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let _ = writeln!(
         md,
         "## Verdict against the default bar (smallest group: never significantly below GRPO at \

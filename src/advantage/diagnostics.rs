@@ -14,9 +14,12 @@ pub struct GroupDiagnostics {
     pub reward_mean: f64,
     /// Their mean advantage (`NaN` when `count == 0`).
     pub advantage_mean: f64,
-    /// P-GRPO only: whether the group's history was used (`false`: the cold-start fallback).
+    /// Estimators that read the groups' histories (P-GRPO and those built on it) only:
+    /// whether the group's history was used (`false`: the cold-start fallback, which a short,
+    /// undefined-std or degenerate history takes).
     pub used_history: bool,
-    /// P-GRPO only: the history mean and std used (`NaN` when the fallback was used).
+    /// The history mean and std used (`NaN` when the fallback was used or the estimator
+    /// reads no history).
     pub history_mean: f64,
     /// See `history_mean`.
     pub history_std: f64,

@@ -14,6 +14,15 @@
 //! | [`batch_z_score`] | `(R_i − μ_B) / σ_B` |
 //! | [`rloo`] | `(R_i − μ_q) · n_q / (n_q − 1)` |
 //! | [`p_grpo`] | `(R_i − ((1 − λ) μ_q + λ μ_p)) / σ_p`, normaliser from [`p_grpo_scale`] |
+//! | [`annealed_offset`] | `Â_i + n0/(n0 + n_p) · (μ_q − μ_p) / σ_p` |
+//! | [`james_stein`] | `Â_i + c · (μ_q − μ_p) / σ_p`, `c` the batch's positive-part James–Stein factor |
+//! | [`blend`] | `(R_i − (w μ_q + (1 − w) μ_p)) / √(w σ_q² + (1 − w) σ_p²)`, `w` by inverse variances |
+//! | [`levels`] | `(R_i − m) / s`, `m` and `s` each from the prompt, the group's history or the batch |
+//!
+//! `Â_i` is GRPO's advantage. Every estimator that reads `μ_p, σ_p` (P-GRPO and the four
+//! below it) takes them from [`p_grpo_scale`], so they share P-GRPO's update order, `min_count`
+//! and degenerate-history rule, and a group without a normaliser falls back like P-GRPO
+//! ([`cold`]).
 //!
 //! # Adding an estimator
 //! 1. A case in [`Estimator`] with its name in the `named_enum!` list beside it (and a row in
@@ -22,13 +31,17 @@
 //!    it needs from [`Row`] (add an accessor there if it needs a statistic not yet offered).
 //! 3. Its line in [`Estimator::advantage`] and in [`AdvantageConfig::needs`]; both matches
 //!    are exhaustive, so the compiler points at them.
+//! 4. A golden test in `tests/advantage.rs` with the arithmetic written out.
+//!
+//! A rule that should not live in the crate needs none of this: implement
+//! [`AdvantageEstimator`](super::AdvantageEstimator) instead.
 //!
 //! The row loop calls [`Estimator::advantage`], whose `match` is the same for every row (the
 //! branch is predicted, and each function is inlined): no function pointer and no allocation
 //! per row. A [`Row`] computes a statistic only when its estimator asks for it.
 
 use super::stats::{BatchStats, PromptStats};
-use super::{AdvantageConfig, ColdStart, Estimator, RolloutRewards, UpdateOrder};
+use super::{AdvantageConfig, ColdStart, Estimator, Level, RolloutRewards, UpdateOrder};
 use crate::error::{Error, Result};
 use crate::history::{GroupDelta, RunningMoments, Variance};
 use crate::{GroupKey, RewardHistory};
@@ -48,8 +61,26 @@ pub(crate) struct Scale {
 pub(crate) struct GroupScale {
     /// `μ_p` and the denominator of `σ_p`.
     pub scale: Scale,
+    /// `σ_p` raised to `std_floor` (the denominator less `eps`).
+    pub std: f64,
+    /// `n_p`, the number of rewards in the statistics.
+    pub count: u64,
     /// `true`: the group's history was usable; `false`: the cold-start history with the batch.
     pub from_history: bool,
+}
+
+/// A history is *degenerate* when its std is at most this fraction of its mean's magnitude:
+/// its rewards are all equal (`σ_p = 0`), or equal up to a few `f32` roundings (an `f32`
+/// reward carries 24 bits, a relative step of `6e-8`). Such a history measures no spread, so
+/// it is treated as cold instead of dividing by `eps` (issue 12, defect 2: the first reward
+/// unlike the others got `|A| ≈ 1/eps = 10⁴`).
+pub(crate) const DEGENERATE_RELATIVE_STD: f64 = 1e-6;
+
+/// Whether `m` holds rewards without a usable spread: no defined variance under `v`, or a
+/// std of at most [`DEGENERATE_RELATIVE_STD`] `· |mean|`.
+pub(crate) fn degenerate(m: &RunningMoments, v: Variance) -> bool {
+    m.variance(v)
+        .is_none_or(|var| var.sqrt() <= DEGENERATE_RELATIVE_STD * m.mean.abs())
 }
 
 impl AdvantageConfig {
@@ -65,6 +96,20 @@ impl AdvantageConfig {
         Scale {
             mean: m.mean,
             den: self.denominator(m.variance(self.variance).map(f64::sqrt)),
+        }
+    }
+
+    /// A group's normaliser from its statistics `m`.
+    fn group_scale(&self, m: &RunningMoments, from_history: bool) -> GroupScale {
+        let std = m
+            .variance(self.variance)
+            .map_or(0.0, f64::sqrt)
+            .max(self.std_floor as f64);
+        GroupScale {
+            scale: self.scale(m),
+            std,
+            count: m.count,
+            from_history,
         }
     }
 }
@@ -119,8 +164,7 @@ pub(crate) fn rloo(row: &Row<'_>) -> f64 {
 /// ```
 ///
 /// `(μ_p, σ_p)` is the normaliser [`p_grpo_scale`] chose for the group; a group without one
-/// (cold, under [`ColdStart::PerPrompt`] or [`ColdStart::Batch`]) falls back, row by row, to
-/// [`grpo`] or [`batch_z_score`].
+/// falls back, row by row, as [`cold`] says.
 #[inline]
 pub(crate) fn p_grpo(row: &Row<'_>) -> f64 {
     match row.group() {
@@ -129,13 +173,139 @@ pub(crate) fn p_grpo(row: &Row<'_>) -> f64 {
             // Times the reciprocal, as the fused path computes it (same bits).
             (row.reward - ((1.0 - lambda) * row.prompt_mean() + lambda * p.mean)) * (1.0 / p.den)
         }
-        None => match row.cfg().pgrpo.cold_start {
-            ColdStart::PerPrompt => grpo(row),
-            ColdStart::Batch => batch_z_score(row),
-            // Always has a normaliser (see `p_grpo_scale`).
-            ColdStart::HistoryWithBatch => 0.0,
-        },
+        None => cold(row),
     }
+}
+
+/// The advantage of a row whose group has no normaliser (cold, under [`ColdStart::PerPrompt`]
+/// or [`ColdStart::Batch`]): [`grpo`] or [`batch_z_score`]. Shared by every estimator that
+/// reads a group's history.
+#[inline]
+pub(crate) fn cold(row: &Row<'_>) -> f64 {
+    match row.cfg().pgrpo.cold_start {
+        ColdStart::PerPrompt => grpo(row),
+        ColdStart::Batch => batch_z_score(row),
+        // Always has a normaliser (see `p_grpo_scale`).
+        ColdStart::HistoryWithBatch => 0.0,
+    }
+}
+
+/// The count-annealed offset (issue 13, candidate (c); `docs/estimators.md`): GRPO's
+/// advantage plus P-GRPO's offset term, faded as the group's history grows,
+///
+/// ```text
+/// A_i = Â_i + λ_p (μ_q − μ_p) / (σ_p + eps),   λ_p = n0 / (n0 + n_p)
+/// ```
+///
+/// with `n0` = [`AnnealOptions::n0`](super::AnnealOptions::n0) and `n_p` the number of rewards
+/// in the group's statistics. Early (`n_p ≪ n0`) it is GRPO's contrast plus the full offset,
+/// which carries P-GRPO's gain on prompts without spread; late the offset, whose consistent
+/// sign is what slows P-GRPO down under Adam, fades and GRPO remains. The offset weight
+/// [`PGrpoOptions::offset_weight`](super::PGrpoOptions::offset_weight) made per group and
+/// decaying with its count; the form `Â + λ·offset` is the paper's identity with GRPO's
+/// contrast scale.
+#[inline]
+pub(crate) fn annealed_offset(row: &Row<'_>) -> f64 {
+    match row.group_stats() {
+        Some(p) => {
+            let n0 = row.cfg().anneal.n0;
+            let lambda = n0 / (n0 + p.count as f64);
+            grpo(row) + lambda * (row.prompt_mean() - p.scale.mean) / p.scale.den
+        }
+        None => cold(row),
+    }
+}
+
+/// James–Stein shrinkage of the prompt mean toward the group's history mean (issue 13,
+/// candidate (b); positive-part James–Stein toward a known target, Efron & Morris 1973):
+///
+/// ```text
+/// b_q = μ_p + (1 − c)(μ_q − μ_p)             the prompt mean shrunk toward the group's
+/// A_i = Â_i + c (μ_q − μ_p) / (σ_p + eps)    GRPO's contrast, plus the offset of μ_q
+///                                            over the shrunk baseline b_q, in units of σ_p
+/// c   = min(1, (K − 2) / Σ_q z_q²),  z_q = (μ_q − μ_p) / (σ_p / √n_q)
+/// ```
+///
+/// over the `K` prompts of the batch whose group has a normaliser (`c = 1` when `K ≤ 2`).
+/// `z_q` is the prompt's departure from its group's history in units of the standard error
+/// its mean would have if every prompt of the group shared the group's mean and each reward
+/// had the group's std `σ_p`. When prompts scatter no more than that, `c ≈ 1` and the
+/// baseline is the group's (P-GRPO's offset with GRPO's contrast); when they scatter more,
+/// the prompts' own means are trusted and `c → 0` gives GRPO. No parameter. The lab's
+/// prototype used an exponential average of within-prompt variances as the noise; the crate
+/// keeps no such state and uses `σ_p` (see `docs/estimators.md`).
+#[inline]
+pub(crate) fn james_stein(row: &Row<'_>) -> f64 {
+    match row.group_stats() {
+        Some(p) => {
+            let c = row.ctx.shrink.factor;
+            grpo(row) + c * (row.prompt_mean() - p.scale.mean) / p.scale.den
+        }
+        None => cold(row),
+    }
+}
+
+/// A confidence-weighted blend of the prompt's and the group's statistics (issue 13,
+/// candidate (a); inverse-variance weighting of two estimates of the prompt's mean, in the
+/// spirit of BV-Blend, arXiv 2606.28707):
+///
+/// ```text
+/// A_i = (R_i − b_q) / (d_q + eps),  b_q = w μ_q + (1 − w) μ_p,  d_q² = w σ_q² + (1 − w) σ_p²
+/// w   = V_p / (V_p + V_q) = r / (r + 1),  r = τ² + n_q / n_p
+/// τ²  = max(0, mean_q z_q² − 1)     (z_q as in [`james_stein`], over the same K prompts)
+/// ```
+///
+/// `V_q = σ_p²/n_q` is the variance of the prompt's mean as an estimate of its true mean,
+/// `V_p = τ²·σ_p²/n_q + σ_p²/n_p` that of the group's history mean (the spread of true
+/// prompt means around it, `τ²` in units of `V_q`, estimated by moments from the batch, plus
+/// the history mean's own error); `r = V_p/V_q`. With prompts that agree with their groups
+/// (`τ² ≈ 0`) and a long history the group's statistics dominate (P-GRPO); with prompts that
+/// differ, the prompt's (GRPO). The numerator is GRPO's exact 0 plus `(1 − w)(μ_q − μ_p)` on
+/// a prompt without spread. The lab's prototype kept exponential averages of the two
+/// variances across steps; this one reads only the batch and the history.
+#[inline]
+pub(crate) fn blend(row: &Row<'_>) -> f64 {
+    match row.group_stats() {
+        Some(p) => {
+            let r = row.ctx.shrink.between + row.prompt_count() as f64 / p.count.max(1) as f64;
+            let w = r / (r + 1.0);
+            let num = row.centred() + (1.0 - w) * (row.prompt_mean() - p.scale.mean);
+            let var = w * row.prompt_var() + (1.0 - w) * p.std * p.std;
+            ratio(num, || row.cfg().denominator(Some(var.sqrt())))
+        }
+        None => cold(row),
+    }
+}
+
+/// Separately chosen levels for the mean and the std (issue 13, candidate (d); AReaL's
+/// `mean_level` / `std_level`):
+///
+/// ```text
+/// A_i = (R_i − m) / (s + eps),  m ∈ {μ_q, μ_p, μ_B},  s ∈ {σ_q, σ_p, σ_B}
+/// ```
+///
+/// chosen by [`LevelOptions`](super::LevelOptions). `prompt`/`prompt` is [`grpo`],
+/// `prompt`/`batch` [`grpo_batch_std`], `batch`/`batch` [`batch_z_score`] (bit for bit),
+/// `group`/`group` P-GRPO (to rounding), `prompt`/`group` P-GRPO with `λ = 0`. A level
+/// `group` on a cold group falls back as [`cold`] says; the prompt mean keeps GRPO's exact 0
+/// on a prompt without spread.
+#[inline]
+pub(crate) fn levels(row: &Row<'_>) -> f64 {
+    let o = row.cfg().levels;
+    let group = row.group();
+    if (o.mean == Level::Group || o.std == Level::Group) && group.is_none() {
+        return cold(row);
+    }
+    let num = match o.mean {
+        Level::Prompt => row.centred(),
+        Level::Group => row.reward - group.map_or(0.0, |g| g.mean),
+        Level::Batch => row.reward - row.batch().mean,
+    };
+    ratio(num, || match o.std {
+        Level::Prompt => row.prompt_den(),
+        Level::Group => group.map_or(1.0, |g| g.den),
+        Level::Batch => row.batch().den,
+    })
 }
 
 /// P-GRPO's choice of normaliser for one preference group, every option in one place.
@@ -144,13 +314,15 @@ pub(crate) fn p_grpo(row: &Row<'_>) -> f64 {
 ///   batch ([`UpdateOrder::BeforeBatch`]), or that history with the batch's rewards of the
 ///   group folded in (`with_batch`, [`UpdateOrder::AfterBatch`]).
 /// - **Usable history**: `m` normalises when it holds at least `min_count` (and at least 1)
-///   rewards and a defined std; `(μ_p, σ_p)` are then its mean and std, `σ_p` raised to
+///   rewards, a defined std, and is not **degenerate** (its rewards all equal: `σ ≤ 1e-6·|μ|`,
+///   [`DEGENERATE_RELATIVE_STD`]); `(μ_p, σ_p)` are then its mean and std, `σ_p` raised to
 ///   `std_floor` before `eps` is added ([`AdvantageConfig::scale`]).
 /// - **Cold start** otherwise: [`ColdStart::HistoryWithBatch`] normalises with `with_batch`
 ///   (reported as not from the history); [`ColdStart::PerPrompt`] and [`ColdStart::Batch`]
-///   return `None`, and [`p_grpo`] falls back row by row.
+///   return `None`, and the estimator falls back row by row ([`cold`]).
 ///
-/// The offset weight `λ` is applied per row, in [`p_grpo`].
+/// The offset weight `λ` is applied per row, in [`p_grpo`]. Every estimator that reads a
+/// group's statistics reads this normaliser.
 pub(crate) fn p_grpo_scale(
     cfg: &AdvantageConfig,
     history: RunningMoments,
@@ -161,16 +333,10 @@ pub(crate) fn p_grpo_scale(
         UpdateOrder::BeforeBatch => history,
         UpdateOrder::AfterBatch => with_batch(),
     };
-    if m.count >= o.min_count.max(1) && m.variance(cfg.variance).is_some() {
-        Some(GroupScale {
-            scale: cfg.scale(&m),
-            from_history: true,
-        })
+    if m.count >= o.min_count.max(1) && !degenerate(&m, cfg.variance) {
+        Some(cfg.group_scale(&m, true))
     } else if o.cold_start == ColdStart::HistoryWithBatch {
-        Some(GroupScale {
-            scale: cfg.scale(&with_batch()),
-            from_history: false,
-        })
+        Some(cfg.group_scale(&with_batch(), false))
     } else {
         None
     }
@@ -187,6 +353,10 @@ impl Estimator {
             Estimator::BatchZScore => batch_z_score(row),
             Estimator::Rloo => rloo(row),
             Estimator::PGrpo => p_grpo(row),
+            Estimator::AnnealedOffset => annealed_offset(row),
+            Estimator::JamesStein => james_stein(row),
+            Estimator::Blend => blend(row),
+            Estimator::Levels => levels(row),
         }
     }
 }
@@ -206,12 +376,15 @@ pub(crate) enum PromptSpread {
 /// refused before any advantage is computed, and nothing is computed that it does not read.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Needs {
-    /// Rows reading `σ_q` need 2 usable completions in their prompt.
+    /// Rows reading `σ_q` (or, for Dr. GRPO and `grpo_batch_std`, whose only signal is the
+    /// contrast within the prompt) need 2 usable completions in their prompt.
     pub prompt_spread: PromptSpread,
     /// Reading `σ_B` needs 2 usable rewards in the batch (under the sample variance).
     pub batch_spread: bool,
     /// Reads the groups' normalisers ([`p_grpo_scale`]).
     pub group_scales: bool,
+    /// Reads the batch's shrinkage statistics ([`Shrinkage`]).
+    pub shrinkage: bool,
 }
 
 impl AdvantageConfig {
@@ -222,17 +395,101 @@ impl AdvantageConfig {
             prompt_spread,
             batch_spread,
             group_scales,
+            shrinkage: false,
+        };
+        // A group-aware estimator's cold rows read what the cold start reads.
+        let cold = match self.pgrpo.cold_start {
+            ColdStart::PerPrompt => WhenCold,
+            _ => Never,
         };
         match self.estimator {
             Estimator::Grpo => reads(Always, false, false),
-            Estimator::GrpoBatchStd => reads(Never, true, false),
-            Estimator::DrGrpo => reads(Never, false, false),
+            // Their only signal is the contrast within a prompt: one completion has none
+            // (every advantage would be 0).
+            Estimator::GrpoBatchStd => reads(Always, true, false),
+            Estimator::DrGrpo => reads(Always, false, false),
             Estimator::BatchZScore => reads(Never, true, false),
             Estimator::Rloo => reads(Always, false, false),
-            Estimator::PGrpo => match self.pgrpo.cold_start {
-                ColdStart::PerPrompt => reads(WhenCold, false, true),
-                _ => reads(Never, false, true),
+            Estimator::PGrpo => reads(cold, false, true),
+            Estimator::AnnealedOffset => reads(Always, false, true),
+            Estimator::JamesStein | Estimator::Blend => Needs {
+                shrinkage: true,
+                ..reads(Always, false, true)
             },
+            Estimator::Levels => {
+                let (m, s) = (self.levels.mean, self.levels.std);
+                let group = m == Level::Group || s == Level::Group;
+                let prompt = if s == Level::Prompt {
+                    Always
+                } else if group {
+                    cold
+                } else {
+                    Never
+                };
+                reads(prompt, s == Level::Batch, group)
+            }
+        }
+    }
+}
+
+/// The batch-level statistics of [`james_stein`] and [`blend`]: over the `K` prompts whose
+/// group has a normaliser, `z_q = (μ_q − μ_p) √n_q / (σ_p + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Shrinkage {
+    /// The positive-part James–Stein factor `min(1, (K − 2)/Σ z_q²)`; 1 when `K ≤ 2` or
+    /// `Σ z_q² = 0`.
+    pub factor: f64,
+    /// `τ² = max(0, Σ z_q²/K − 1)`, the spread of the prompts' true means around their
+    /// groups' in units of a prompt mean's standard error; 0 without prompts.
+    pub between: f64,
+}
+
+impl Shrinkage {
+    const NONE: Shrinkage = Shrinkage {
+        factor: 1.0,
+        between: 0.0,
+    };
+
+    /// The statistics of a batch: each prompt's group is that of its first usable row.
+    fn compute(
+        batch: &RolloutRewards<'_>,
+        stats: &BatchStats,
+        groups: &[Option<GroupScale>],
+    ) -> Self {
+        let p = stats.prompt_labels.len();
+        let mut group_of = vec![u32::MAX; p];
+        for ((&r, &g), &q) in batch
+            .rewards
+            .iter()
+            .zip(batch.group_ids)
+            .zip(&stats.prompt_of_row)
+        {
+            let slot = &mut group_of[q as usize];
+            if *slot == u32::MAX && r.is_finite() {
+                *slot = g;
+            }
+        }
+        let (mut k, mut sum) = (0usize, 0f64);
+        for (q, &g) in group_of.iter().enumerate() {
+            let Some(s) = groups.get(g as usize).copied().flatten() else {
+                continue;
+            };
+            let n = stats.prompts.count[q] as f64;
+            let z = (stats.prompts.mean[q] - s.scale.mean) / s.scale.den;
+            k += 1;
+            sum += z * z * n;
+        }
+        if k == 0 {
+            return Self::NONE;
+        }
+        let factor = if k <= 2 || sum <= 0.0 {
+            1.0
+        } else {
+            ((k - 2) as f64 / sum).min(1.0)
+        };
+        Self {
+            factor,
+            between: (sum / k as f64 - 1.0).max(0.0),
         }
     }
 }
@@ -246,8 +503,11 @@ pub(crate) struct Context<'a> {
     degenerate: Vec<bool>,
     /// `μ_B` and the denominator of `σ_B`.
     batch: Scale,
-    /// Per group: its P-GRPO normaliser (`None`: no usable row, not P-GRPO, or cold).
+    /// Per group: its P-GRPO normaliser (`None`: no usable row, an estimator that does not
+    /// read it, or cold).
     groups: Vec<Option<GroupScale>>,
+    /// The shrinkage statistics ([`Shrinkage::NONE`] unless the estimator reads them).
+    shrink: Shrinkage,
     /// Prompts in `degenerate`.
     num_degenerate: usize,
 }
@@ -279,18 +539,23 @@ impl<'a> Context<'a> {
         } else {
             vec![None; batch.group_keys.len()]
         };
+        let shrink = if needs.shrinkage {
+            Shrinkage::compute(batch, stats, &groups)
+        } else {
+            Shrinkage::NONE
+        };
         let mut ctx = Self {
             cfg,
             prompts: &stats.prompts,
             degenerate: vec![false; stats.prompt_labels.len()],
             batch: cfg.scale(batch_m),
             groups,
+            shrink,
             num_degenerate: 0,
         };
         ctx.find_degenerate(needs.prompt_spread, batch, stats)?;
         Ok(ctx)
     }
-
     /// Marks the prompts whose rows read `σ_q` but have fewer than 2 usable rewards because
     /// some were missing; a prompt that simply has one completion is an error.
     fn find_degenerate(
@@ -483,6 +748,21 @@ impl Row<'_> {
     #[inline]
     pub fn group(&self) -> Option<Scale> {
         self.ctx.groups[self.group].map(|s| s.scale)
+    }
+
+    /// The group's whole normaliser: [`group`](Self::group) with `σ_p` and `n_p`.
+    #[inline]
+    pub fn group_stats(&self) -> Option<GroupScale> {
+        self.ctx.groups[self.group]
+    }
+
+    /// `σ_q²` under the configured variance, 0 when undefined.
+    #[inline]
+    pub fn prompt_var(&self) -> f64 {
+        self.ctx
+            .prompts
+            .variance(self.prompt, self.ctx.cfg.variance)
+            .unwrap_or(0.0)
     }
 }
 

@@ -4,13 +4,13 @@
 //! The general path reads the rows three times (statistics, prompt statistics, advantages).
 //! In P-GRPO's usual case every normaliser is known before the batch is read: the options are
 //! the defaults (cumulative history, normalise before folding the batch in, `λ = 1`), and
-//! [`p_grpo_scale`] picks every group's history (each past `min_count`), so no row falls back
-//! and `A_i = (R_i − μ_p) · (1 / (σ_p + eps))` needs nothing of the batch. One pass then
-//! validates each row, writes its advantage, and sums its group statistics and its prompt's
-//! reward range. It also needs finite rewards, valid group ids, each prompt's rows one run
-//! with prompt ids increasing from run to run (the layout the trainer produces), and at least
-//! as many rows as groups; otherwise it declines and the general path decides (and reports any
-//! error). The test at the bottom checks it against the general path bit for bit.
+//! [`p_grpo_scale`] picks every group's history (each past `min_count` and not degenerate),
+//! so no row falls back and `A_i = (R_i − μ_p) · (1 / (σ_p + eps))` needs nothing of the
+//! batch. One pass then validates each row, writes its advantage, and sums its group
+//! statistics and its prompt's reward range. It also needs finite rewards, valid group ids,
+//! each prompt's rows one run with prompt ids increasing from run to run (the layout the
+//! trainer produces), and at least as many rows as groups; otherwise it declines and the
+//! general path decides (and reports any error). The test at the bottom checks it against the general path bit for bit.
 
 use super::diagnostics::{AdvantageDiagnostics, GroupDiagnostics};
 use super::estimators::{finite_f32, p_grpo_scale};
@@ -415,6 +415,13 @@ mod tests {
         let mut cold = RewardHistory::default();
         cold.update(GroupKey::Id(0), &[1.0; 3]).unwrap();
         assert!(!run(&r, &p, &gid, &cold, &cfg), "a cold group");
+        let mut degenerate = history.clone();
+        degenerate.clear();
+        degenerate.update(GroupKey::Id(0), &[1.0; 30]).unwrap();
+        degenerate
+            .update(GroupKey::Id(1), &[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0])
+            .unwrap();
+        assert!(!run(&r, &p, &gid, &degenerate, &cfg), "a degenerate group");
         let lambda = AdvantageConfig {
             pgrpo: PGrpoOptions {
                 offset_weight: 0.5,

@@ -104,26 +104,92 @@ impl GroupDelta {
         }
     }
 
-    /// Whether a delta read from outside (another process) is one `push` could have built
-    /// for `kind`: finite sums, and the values of a window delta are its count.
-    pub(crate) fn is_consistent(&self, kind: HistoryKind) -> bool {
-        let finite = [self.w, self.shift, self.s1, self.s2]
-            .iter()
-            .all(|x| x.is_finite());
-        match kind {
-            HistoryKind::Window { .. } => {
-                self.values.len() as u64 == self.count && self.values.iter().all(|x| x.is_finite())
-            }
-            _ => {
-                finite
-                    && self.values.is_empty()
-                    && self.s2 >= 0.0
-                    && (self.count == 0) == (self.w == 0.0)
-                    && self.w <= self.count as f64
-            }
+    /// Why a delta read from outside (another process, a file) is not one that `push` and
+    /// `append` could have built for `kind` from `f32` rewards, or `None` when it is. The
+    /// checks are those of the history's format validation, so that a history that folds in
+    /// an accepted delta can be saved and loaded again:
+    ///
+    /// - at most [`MAX_REWARDS`] rewards; an empty delta is all zeros;
+    /// - window kind: `count` values, each a finite `f32` value, and no sums;
+    /// - cumulative and exponential: no values; `shift` (the first reward) an `f32` value;
+    ///   finite sums with `s2 >= 0`; the weight a batch of `count` rewards has (`count` for
+    ///   cumulative statistics, `Σ_{j<count} d^j` to rounding for exponential ones, at least
+    ///   1); a mean within `f32`'s range and `M2 <= weight · (2 · f32::MAX)²` (what rewards of
+    ///   `f32`'s range can give, which keeps every later merge finite).
+    pub(crate) fn problem(&self, kind: HistoryKind) -> Option<String> {
+        let f32_value = |x: f64| x.is_finite() && (x as f32) as f64 == x;
+        if self.count > MAX_REWARDS {
+            return Some(format!(
+                "{} rewards, more than the {MAX_REWARDS} a history can count exactly",
+                self.count
+            ));
         }
+        let sums = [self.w, self.shift, self.s1, self.s2];
+        if self.count == 0 {
+            return (sums.iter().any(|&x| x != 0.0) || !self.values.is_empty())
+                .then(|| "an empty delta with non-zero sums or values".to_owned());
+        }
+        if let HistoryKind::Window { .. } = kind {
+            if self.values.len() as u64 != self.count {
+                return Some(format!(
+                    "a window delta of {} rewards holds {} values",
+                    self.count,
+                    self.values.len()
+                ));
+            }
+            if let Some(x) = self.values.iter().find(|&&x| !f32_value(x)) {
+                return Some(format!("value {x} is not a finite f32 reward"));
+            }
+            return sums
+                .iter()
+                .any(|&x| x != 0.0)
+                .then(|| "a window delta with sums".to_owned());
+        }
+        if !self.values.is_empty() {
+            return Some(format!("a {kind:?} delta with values"));
+        }
+        if !f32_value(self.shift) {
+            return Some(format!("shift {} is not a finite f32 reward", self.shift));
+        }
+        if !(self.s1.is_finite() && self.s2.is_finite() && self.s2 >= 0.0) {
+            return Some(format!(
+                "sums must be finite with s2 >= 0, got s1 {}, s2 {}",
+                self.s1, self.s2
+            ));
+        }
+        let c = self.count as f64;
+        let weight_ok = match kind {
+            HistoryKind::Cumulative => self.w == c,
+            _ => {
+                // Σ_{j<count} d^j = (1 − d^count)/(1 − d), the weight of `count` pushes,
+                // computed with `expm1` so that it stays accurate for long half-lives; the
+                // tolerance covers the rounding of `count` pushes or chunk merges.
+                let ln_d = kind.decay().ln();
+                let full = (c * ln_d).exp_m1() / ln_d.exp_m1();
+                self.w >= 1.0 && self.w <= c && (self.w - full).abs() <= 1e-6 * full
+            }
+        };
+        if !weight_ok {
+            return Some(format!(
+                "weight {} is not that of {} rewards in a {kind:?} history",
+                self.w, self.count
+            ));
+        }
+        let m = self.moments();
+        let big = f32::MAX as f64 * (1.0 + 1e-6);
+        if !(m.mean.abs() <= big && m.m2 <= m.weight * 4.0 * big * big) {
+            return Some(format!(
+                "mean {} or M2 {} out of what f32 rewards can give",
+                m.mean, m.m2
+            ));
+        }
+        None
     }
 }
+
+/// The most rewards a group's history may hold: `2⁵³`, below which a count converts to
+/// `f64` exactly (a cumulative history's weight is its count).
+pub(crate) const MAX_REWARDS: u64 = 1 << 53;
 
 /// The batch's per-group reward statistics, ready to be folded into a [`RewardHistory`] with
 /// [`RewardHistory::apply`]. Index-aligned with the batch's `group_keys`.
@@ -156,7 +222,7 @@ impl GroupDelta {
 /// # Ok::<(), pgrpo::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "BatchDeltasSerde")]
 pub struct BatchDeltas {
     pub(crate) kind: HistoryKind,
     pub(crate) deltas: Vec<GroupDelta>,
@@ -201,39 +267,65 @@ impl BatchDeltas {
     }
 
     /// Parses [`to_json`](Self::to_json)'s output and checks that every delta is one a batch
-    /// could have produced for its kind (finite sums; a window delta holds `count` values).
+    /// of `f32` rewards could have produced for its kind, with the checks of the history's
+    /// own format: whatever is accepted can be folded into a history that saves and loads
+    /// again. Every way of deserializing `BatchDeltas` (serde, the data-parallel exchange)
+    /// makes the same checks.
     ///
     /// # Errors
     /// [`Error::Json`] for malformed JSON, [`Error::InvalidHistory`] for inconsistent
-    /// statistics or an invalid kind.
+    /// statistics (naming the group and what is wrong) or an invalid kind.
     pub fn from_json(json: &str) -> Result<Self> {
-        let d: BatchDeltas = serde_json::from_str(json)?;
-        d.check()?;
-        Ok(d)
+        let d: BatchDeltasSerde = serde_json::from_str(json)?;
+        d.try_into()
     }
 
-    /// The checks of [`from_json`](Self::from_json), for deltas deserialized another way.
+    /// The checks of [`from_json`](Self::from_json).
     pub(crate) fn check(&self) -> Result<()> {
         self.kind
             .validate()
             .map_err(|e| Error::invalid_history(format!("batch deltas kind: {e}")))?;
-        if let Some(i) = self.deltas.iter().position(|g| !g.is_consistent(self.kind)) {
-            return Err(Error::invalid_history(format!(
-                "batch deltas: group {i} holds inconsistent statistics"
-            )));
+        for (i, g) in self.deltas.iter().enumerate() {
+            if let Some(why) = g.problem(self.kind) {
+                return Err(Error::invalid_history(format!(
+                    "batch deltas: group {i}: {why}"
+                )));
+            }
         }
         Ok(())
+    }
+}
+
+/// The serde form of [`BatchDeltas`], checked on the way in.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchDeltasSerde {
+    kind: HistoryKind,
+    deltas: Vec<GroupDelta>,
+}
+
+impl TryFrom<BatchDeltasSerde> for BatchDeltas {
+    type Error = Error;
+
+    fn try_from(s: BatchDeltasSerde) -> Result<Self> {
+        let d = BatchDeltas {
+            kind: s.kind,
+            deltas: s.deltas,
+        };
+        d.check()?;
+        Ok(d)
     }
 }
 
 impl RewardHistory {
     /// Folds a batch's per-group statistics (from
     /// [`AdvantageConfig::compute`](crate::AdvantageConfig::compute)) into the store.
-    /// `keys` must be the `group_keys` of that batch.
+    /// `keys` must be the `group_keys` of that batch. On error nothing is folded in.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] if `keys` does not match, [`Error::InvalidHistory`] if the
-    /// deltas were computed for another history kind.
+    /// deltas were computed for another history kind, or would take a group past
+    /// `2⁵³` rewards (where its count stops converting to `f64` exactly).
     pub fn apply(&mut self, keys: &[GroupKey], deltas: BatchDeltas) -> Result<()> {
         if keys.len() != deltas.deltas.len() {
             return Err(Error::LengthMismatch {
@@ -249,6 +341,15 @@ impl RewardHistory {
                 deltas.kind,
                 self.kind()
             )));
+        }
+        if let Some((key, seen)) = self.overfull(keys, &deltas.deltas) {
+            return Err(Error::InvalidHistory {
+                group: Some(key.to_string()),
+                reason: format!(
+                    "holds {seen} rewards: folding the batch in would pass the {MAX_REWARDS} a \
+                     history can count exactly"
+                ),
+            });
         }
         self.fold_deltas(keys, deltas.deltas);
         Ok(())

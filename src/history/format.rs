@@ -1,7 +1,8 @@
 //! The versioned JSON format of a [`RewardHistory`] (`"format": "pgrpo.reward_history"`,
 //! `"version": 1`), and the validation that lets only a history some sequence of updates could
-//! have produced back in: finite means, non-negative `M2`, weights within what the kind allows,
-//! a window no longer than its size, no group listed twice. Checkpoints and `serde` go through
+//! have produced back in: finite means within `f32`'s range (rewards are `f32`), non-negative
+//! `M2` no larger than such rewards give, weights within what the kind allows, a window no
+//! longer than its size, no group listed twice. Checkpoints and `serde` go through
 //! here.
 
 use std::collections::VecDeque;
@@ -113,6 +114,15 @@ impl RewardHistory {
                     g.weight
                 )));
             }
+            // Rewards are `f32`: a mean or a spread beyond their range could not come from
+            // them, and would overflow when later rewards are merged in.
+            let big = f32::MAX as f64 * (1.0 + 1e-6);
+            if g.mean.abs() > big || g.m2 > g.weight * 4.0 * big * big {
+                return Err(bad(format!(
+                    "mean {} or m2 {} out of what f32 rewards can give",
+                    g.mean, g.m2
+                )));
+            }
             if g.count > g.seen {
                 return Err(bad(format!("count {} exceeds seen {}", g.count, g.seen)));
             }
@@ -155,8 +165,8 @@ impl RewardHistory {
                             g.seen
                         )));
                     }
-                    if w.iter().any(|x| !x.is_finite()) {
-                        return Err(bad("window holds a non-finite reward".into()));
+                    if w.iter().any(|x| !(x.is_finite() && x.abs() <= big)) {
+                        return Err(bad("window holds a reward out of f32's range".into()));
                     }
                     w.into()
                 }

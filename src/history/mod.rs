@@ -385,13 +385,37 @@ impl RewardHistory {
     /// [`moments`](Self::moments) of each of `keys`; for increasing keys one ordered walk
     /// over the stored groups instead of a search per key.
     pub(crate) fn moments_of(&self, keys: &[GroupKey]) -> Vec<Option<RunningMoments>> {
+        self.walk(keys, |g| g.moments)
+    }
+
+    /// `get(g)` of the state of each of `keys` (`None`: not stored); for increasing keys one
+    /// ordered walk over the stored groups instead of a search per key.
+    fn walk<V>(&self, keys: &[GroupKey], get: impl Fn(&GroupState) -> V) -> Vec<Option<V>> {
         if !increasing(keys) {
-            return keys.iter().map(|k| self.moments(k)).collect();
+            return keys.iter().map(|k| self.groups.get(k).map(&get)).collect();
         }
         let mut stored = self.groups.range(keys[0].clone()..).peekable();
         keys.iter()
-            .map(|key| seek(&mut stored, key).map(|g| g.moments))
+            .map(|key| seek(&mut stored, key).map(&get))
             .collect()
+    }
+
+    /// The first group that folding `deltas` (index-aligned with `keys`) would take past
+    /// [`MAX_REWARDS`](delta::MAX_REWARDS) rewards, with the rewards it holds.
+    pub(crate) fn overfull<'k>(
+        &self,
+        keys: &'k [GroupKey],
+        deltas: &[GroupDelta],
+    ) -> Option<(&'k GroupKey, u64)> {
+        let seen = self.walk(keys, |g| g.seen);
+        keys.iter()
+            .zip(deltas)
+            .zip(seen)
+            .find_map(|((key, d), seen)| {
+                let seen = seen.unwrap_or(0);
+                (d.count > 0 && seen.saturating_add(d.count) > delta::MAX_REWARDS)
+                    .then_some((key, seen))
+            })
     }
 
     /// The moments `key` would have after folding `delta` in, without folding it.

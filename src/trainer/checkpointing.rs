@@ -284,6 +284,7 @@ where
             step: ckpt.step,
             comm: SingleProcess,
             rank_reward_states,
+            estimator: None,
         })
     }
 }

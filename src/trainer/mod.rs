@@ -44,6 +44,7 @@
 use candle_core::Var;
 use candle_nn::Optimizer;
 
+use crate::advantage::AdvantageEstimator;
 use crate::distributed::{protocol, protocol::RankRewardStates, wire, Collective, SingleProcess};
 use crate::metrics::StepMetrics;
 use crate::optim::{lr_at, AdamW, OptimizerState, ParamsAdamW};
@@ -96,6 +97,9 @@ pub struct Trainer<P: Policy, R, O = AdamW, C = SingleProcess> {
     /// Per-rank reward-function states of a checkpoint written by a data-parallel run, until
     /// [`Trainer::with_collective`] picks this rank's.
     rank_reward_states: Option<RankRewardStates>,
+    /// An advantage rule of the user's in place of `config.advantage.estimator`
+    /// ([`Trainer::with_estimator`]).
+    estimator: Option<Box<dyn AdvantageEstimator>>,
 }
 
 impl<P, R> Trainer<P, R, AdamW>
@@ -216,6 +220,7 @@ where
             step: 0,
             comm: SingleProcess,
             rank_reward_states: None,
+            estimator: None,
         })
     }
 
@@ -268,6 +273,7 @@ where
             step: self.step,
             comm,
             rank_reward_states: None,
+            estimator: self.estimator,
         })
     }
 }
@@ -280,6 +286,54 @@ where
     O: Optimizer + OptimizerState,
     C: Collective,
 {
+    /// Computes advantages with `estimator`, a rule of your own, instead of the config's
+    /// [`estimator`](crate::AdvantageConfig::estimator); the rest of
+    /// [`config.advantage`](TrainerConfig::advantage) still applies (non-finite policy,
+    /// reward aggregation). See [`AdvantageEstimator`] for the contract and an example.
+    ///
+    /// The trainer keeps folding every batch into its reward history (passed to the
+    /// estimator) and saves it in checkpoints. The estimator itself is not saved: a
+    /// checkpoint's config names the config's estimator, so call `with_estimator` again after
+    /// [`resume`](Trainer::resume). Its own state, if it keeps any, is not saved either.
+    /// `TrainerConfig::validate` still checks `num_generations` against the config's
+    /// estimator: for `G = 1` set one that accepts it (e.g. `batch_z_score`).
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use pgrpo::advantage::AdvantageEstimator;
+    /// use pgrpo::models::TabularPolicy;
+    /// use pgrpo::{GroupKey, GroupedPrompt, RewardHistory, RolloutRewards, Trainer, TrainerConfig};
+    ///
+    /// /// `A_i = R_i − 0.5`: a fixed baseline.
+    /// struct Fixed;
+    /// impl AdvantageEstimator for Fixed {
+    ///     fn name(&self) -> &str { "fixed" }
+    ///     fn advantages(&self, b: &RolloutRewards<'_>, _: &RewardHistory) -> pgrpo::Result<Vec<f32>> {
+    ///         Ok(b.rewards.iter().map(|r| r - 0.5).collect())
+    ///     }
+    /// }
+    ///
+    /// let policy = TabularPolicy::new(1, 2, false, &Device::Cpu)?;
+    /// let reward = |_: &u32, a: &u32, _: &GroupKey| *a as f32;
+    /// let cfg = TrainerConfig { num_generations: 4, learning_rate: 0.1, ..Default::default() };
+    /// let mut trainer = Trainer::new(policy, reward, cfg)?.with_estimator(Box::new(Fixed));
+    /// for _ in 0..20 {
+    ///     trainer.step(&[GroupedPrompt::new(0u32, "a")])?;
+    /// }
+    /// assert!(trainer.policy().probs()?[0][1] > 0.8);
+    /// assert_eq!(trainer.history().stats(&"a".into()).unwrap().n, 80);
+    /// # Ok::<(), pgrpo::Error>(())
+    /// ```
+    pub fn with_estimator(mut self, estimator: Box<dyn AdvantageEstimator>) -> Self {
+        self.estimator = Some(estimator);
+        self
+    }
+
+    /// The advantage rule set by [`with_estimator`](Self::with_estimator), if any.
+    pub fn estimator(&self) -> Option<&dyn AdvantageEstimator> {
+        self.estimator.as_deref()
+    }
+
     /// The collective this trainer steps with ([`SingleProcess`] unless
     /// [`with_collective`](Trainer::with_collective) set another).
     pub fn collective(&self) -> &C {

@@ -9,9 +9,10 @@ use rand::rngs::StdRng;
 
 use super::update::MicroBatch;
 use super::Trainer;
-use crate::advantage::AdvantageDiagnostics;
+use crate::advantage::{AdvantageDiagnostics, RewardParts};
 use crate::distributed::{protocol, shard, Collective};
 use crate::history::BatchDeltas;
+use crate::reward::RewardInput;
 use crate::rng::rank_step_rng;
 use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards};
 
@@ -47,8 +48,13 @@ pub struct Rollout<'a, P: Policy> {
     pub prompts: Vec<&'a P::Prompt>,
     /// The completion of each row.
     pub completions: Vec<P::Completion>,
-    /// `(N,)` rewards.
+    /// `(N,)` rewards: the weighted sum of the reward functions' scores.
     pub rewards: Vec<f32>,
+    /// `(N, F)` each reward function's unweighted score, row-major (`F = 1` for a single
+    /// function: then equal to `rewards` up to its weight), in the order of `reward_names`.
+    pub reward_parts: Vec<f32>,
+    /// `(F,)` the reward functions' names ([`RewardFn::parts`]).
+    pub reward_names: Vec<String>,
     /// `(N,)` advantages.
     pub advantages: Vec<f32>,
     /// `(N,)` prompt index of each row (`0..batch.len()`).
@@ -60,6 +66,12 @@ pub struct Rollout<'a, P: Policy> {
     /// What the advantage computation saw (the whole batch).
     pub diagnostics: AdvantageDiagnostics,
     pub(super) deltas: BatchDeltas,
+    /// The history keys `deltas` is aligned with (the batch's groups, then per-function keys
+    /// under `normalize_then_sum`).
+    pub(super) history_keys: Vec<GroupKey>,
+    /// Per reward function: `rewards/<name>/mean` and `rewards/<name>/std` over the whole
+    /// batch (TRL's names).
+    pub(super) reward_metrics: Vec<(String, f64)>,
     /// Mean and std of the whole batch's advantages.
     pub(super) advantage_stats: (f64, f64),
     /// Rows in the whole batch.
@@ -116,17 +128,27 @@ where
         let shard = shard(batch.len(), rank, world);
         let t0 = Instant::now();
         let mut rng = rank_step_rng(self.config.seed, self.step, rank);
-        let local = self.sample_and_score(&batch[shard.clone()], g, &mut rng);
+        let parts = self.reward.parts();
+        let f = parts.len();
+        let local = self.sample_and_score(&batch[shard.clone()], g, f, &mut rng);
         let t_local = t0.elapsed().as_secs_f64();
-        // Every rank needs every reward.
+        // Every rank needs every reward function's score of every row (`g · F` per prompt).
         let t1 = Instant::now();
         let fp = protocol::batch_fingerprint(self.step, batch.iter().map(|item| &item.group));
-        let local =
-            local.map(|(completions, rewards, t_reward)| ((completions, t_reward), rewards));
-        let ((completions, t_reward), rewards) =
-            protocol::exchange_rewards(&self.comm, fp, batch.len(), g, local)?;
+        let local = local.map(|(completions, scores, t_reward)| ((completions, t_reward), scores));
+        let ((completions, t_reward), scores) =
+            protocol::exchange_rewards(&self.comm, fp, batch.len(), g * f, local)?;
         let t_exchange = t1.elapsed().as_secs_f64();
         let t_sample = t_local - t_reward;
+        let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
+        let weights: Vec<f32> = parts.iter().map(|p| p.weight).collect();
+        let reward_parts = RewardParts {
+            scores: &scores,
+            names: &names,
+            weights: &weights,
+        };
+        let rewards = reward_parts.combined();
+        let reward_metrics = part_metrics(&reward_parts);
 
         // Labels of every row of the whole batch, in row order.
         let n = batch.len() * g;
@@ -144,15 +166,20 @@ where
             group_ids.push(gid);
         }
 
-        let adv = self.config.advantage.compute(
-            &RolloutRewards {
-                rewards: &rewards,
-                prompt_ids: &prompt_ids,
-                group_ids: &group_ids,
-                group_keys: &group_keys,
-            },
-            &self.history,
-        )?;
+        let labelled = RolloutRewards {
+            rewards: &rewards,
+            prompt_ids: &prompt_ids,
+            group_ids: &group_ids,
+            group_keys: &group_keys,
+        };
+        let cfg = &self.config.advantage;
+        let adv = match &self.estimator {
+            Some(e) => {
+                cfg.compute_parts_with(e.as_ref(), &labelled, &reward_parts, &self.history)?
+            }
+            None => cfg.compute_parts(&labelled, &reward_parts, &self.history)?,
+        };
+        let history_keys = cfg.history_keys(&group_keys, &names);
         let advantage_stats = mean_std(&adv.values);
         let zero_std = if self.config.mask_zero_std_prompts {
             zero_spread_rows(&rewards, g)
@@ -171,12 +198,16 @@ where
             prompts: row_prompts,
             completions,
             rewards: keep_rows(rewards, &rows),
+            reward_parts: keep_rows(scores, &(rows.start * f..rows.end * f)),
+            reward_names: names,
             advantages: keep_rows(adv.values, &rows),
             prompt_ids: keep_rows(prompt_ids, &rows),
             group_ids: keep_rows(group_ids, &rows),
             group_keys,
             diagnostics: adv.diagnostics,
             deltas: adv.deltas,
+            history_keys,
+            reward_metrics,
             advantage_stats,
             global_rows: n,
             all_masked,
@@ -192,12 +223,14 @@ where
         })
     }
 
-    /// Samples `g` completions for each prompt of `batch` and scores them: the completions,
-    /// their rewards and the seconds spent scoring.
+    /// Samples `g` completions for each prompt of `batch` and scores them in one
+    /// [`RewardFn::score_parts`] call: the completions, each reward function's score of each
+    /// row (`(rows, f)`, row-major) and the seconds spent scoring.
     fn sample_and_score(
         &mut self,
         batch: &[GroupedPrompt<P::Prompt>],
         g: usize,
+        f: usize,
         rng: &mut StdRng,
     ) -> Result<(Vec<P::Completion>, Vec<f32>, f64)> {
         let prompts: Vec<P::Prompt> = batch.iter().map(|b| b.prompt.clone()).collect();
@@ -211,13 +244,53 @@ where
             });
         }
         let t = Instant::now();
-        let mut rewards = Vec::with_capacity(completions.len());
-        for (row, c) in completions.iter().enumerate() {
-            let item = &batch[row / g];
-            rewards.push(self.reward.score(&item.prompt, c, &item.group)?);
+        let rows: Vec<RewardInput<'_, P::Prompt, P::Completion>> = completions
+            .iter()
+            .enumerate()
+            .map(|(row, c)| {
+                let item = &batch[row / g];
+                RewardInput {
+                    prompt: &item.prompt,
+                    completion: c,
+                    group: &item.group,
+                }
+            })
+            .collect();
+        let scores = self.reward.score_parts(&rows)?;
+        if scores.len() != rows.len() * f {
+            return Err(Error::LengthMismatch {
+                what: "reward scores",
+                got: scores.len(),
+                against: "rows × reward functions",
+                expected: rows.len() * f,
+            });
         }
-        Ok((completions, rewards, t.elapsed().as_secs_f64()))
+        drop(rows);
+        Ok((completions, scores, t.elapsed().as_secs_f64()))
     }
+}
+
+/// TRL's per-function metrics: `rewards/<name>/mean` and `rewards/<name>/std` (sample std)
+/// of each function's finite scores over the batch (`NaN` without any, or below two for the
+/// std).
+fn part_metrics(parts: &RewardParts<'_>) -> Vec<(String, f64)> {
+    let mut out = Vec::with_capacity(2 * parts.num_parts());
+    for (f, name) in parts.names.iter().enumerate() {
+        let v: Vec<f64> = parts
+            .column(f)
+            .into_iter()
+            .filter(|x| x.is_finite())
+            .map(f64::from)
+            .collect();
+        let m = crate::history::RunningMoments::from_slice(&v);
+        let mean = if v.is_empty() { f64::NAN } else { m.mean };
+        let std = m
+            .variance(crate::history::Variance::Sample)
+            .map_or(f64::NAN, f64::sqrt);
+        out.push((format!("rewards/{name}/mean"), mean));
+        out.push((format!("rewards/{name}/std"), std));
+    }
+    out
 }
 
 /// The rows `rows` of `v`, in place (all of them, untouched, for one process).

@@ -404,7 +404,7 @@ where
         // Folding the history must not fail once the weights changed: try the fold on an
         // empty history of the same kind first (it checks everything before folding).
         RewardHistory::new(self.history.kind())?
-            .apply(&rollout.group_keys, rollout.deltas.clone())?;
+            .apply(&rollout.history_keys, rollout.deltas.clone())?;
         let lr = lr_at(
             self.config.lr_scheduler,
             self.config.learning_rate,
@@ -439,7 +439,7 @@ where
         // Nothing below can fail: the fold was checked, the mix's shapes were checked when
         // the trainer was built.
         self.history
-            .apply(&rollout.group_keys, rollout.deltas.clone())?;
+            .apply(&rollout.history_keys, rollout.deltas.clone())?;
         if let (Some(mixed), Some(reference)) = (mixed, &self.reference) {
             for (v, w) in reference.vars().iter().zip(&mixed) {
                 v.set(w)?;
@@ -467,7 +467,9 @@ where
         let d = &rollout.diagnostics;
         m.set("reward", d.reward_mean);
         m.set("reward_std", d.reward_std);
-        self.reward_function_metrics(&mut m, d.reward_mean, d.reward_std);
+        for (name, v) in &rollout.reward_metrics {
+            m.set(name.as_str(), *v);
+        }
         m.set("frac_reward_zero_std", d.frac_reward_zero_std);
         m.set("num_missing_rewards", d.num_missing as f64);
         m.set("learning_rate", lr);
@@ -514,15 +516,6 @@ where
             "pgrpo step"
         );
         m
-    }
-
-    /// TRL's `rewards/<name>/mean` and `rewards/<name>/std` of the reward function
-    /// ([`RewardFn::name`]): the batch's reward mean and std, as TRL reports them for a
-    /// single reward function.
-    fn reward_function_metrics(&self, m: &mut StepMetrics, mean: f64, std: f64) {
-        let [mean_name, std_name] = metrics::reward_names(self.reward.name());
-        m.set(mean_name, mean);
-        m.set(std_name, std);
     }
 }
 
