@@ -32,6 +32,22 @@ impl<T> GroupedPrompt<T> {
             group: group.into(),
         }
     }
+
+    /// A prompt without a preference-group label, for plain GRPO: it goes in the one
+    /// default group `"all"` ([`GroupKey::Name`]), shared by every ungrouped prompt.
+    ///
+    /// With a per-prompt estimator (GRPO) the group plays no part; with P-GRPO every
+    /// ungrouped prompt is normalised against one shared reward history; metrics name the
+    /// group `all` (`group/all/reward_mean`).
+    ///
+    /// ```
+    /// use pgrpo::{GroupKey, GroupedPrompt};
+    /// let p = GroupedPrompt::ungrouped("What is 2 + 2?");
+    /// assert_eq!(p.group, GroupKey::from("all"));
+    /// ```
+    pub fn ungrouped(prompt: T) -> Self {
+        Self::new(prompt, "all")
+    }
 }
 
 /// Sampled, scored and normalised completions of one batch, before the update.
@@ -121,9 +137,10 @@ where
         // Every rank needs every reward.
         let t1 = Instant::now();
         let fp = protocol::batch_fingerprint(self.step, batch.iter().map(|item| &item.group));
-        let local =
-            local.map(|(completions, rewards, t_reward)| ((completions, t_reward), rewards));
-        let ((completions, t_reward), rewards) =
+        let local = local.map(|(completions, sampled, rewards, t_reward)| {
+            ((completions, sampled, t_reward), rewards)
+        });
+        let ((completions, sampled, t_reward), rewards) =
             protocol::exchange_rewards(&self.comm, fp, batch.len(), g, local)?;
         let t_exchange = t1.elapsed().as_secs_f64();
         let t_sample = t_local - t_reward;
@@ -165,10 +182,13 @@ where
         let rows = shard.start * g..shard.end * g;
         let row_prompts: Vec<&P::Prompt> = rows.clone().map(|r| &batch[r / g].prompt).collect();
         let t2 = Instant::now();
-        let old = if self.config.num_iterations > 1 {
-            Some(self.policy.log_probs_detached(&row_prompts, &completions)?)
-        } else {
-            None
+        // The sampler's own log-probs when it has them (no second forward pass).
+        let old = match sampled {
+            Some(lp) => Some(lp),
+            None if self.config.num_iterations > 1 => {
+                Some(self.policy.log_probs_detached(&row_prompts, &completions)?)
+            }
+            None => None,
         };
         let reference = match &self.reference {
             Some(r) => Some(r.log_probs_detached(&row_prompts, &completions)?.logp),
@@ -201,15 +221,22 @@ where
     }
 
     /// Samples `g` completions for each prompt of `batch` and scores them: the completions,
-    /// their rewards and the seconds spent scoring.
+    /// the sampler's log-probs of them (asked for only when `num_iterations > 1` needs old
+    /// log-probs; `None` when the policy has none), their rewards and the seconds spent
+    /// scoring.
+    #[allow(clippy::type_complexity)]
     fn sample_and_score(
         &mut self,
         batch: &[GroupedPrompt<P::Prompt>],
         g: usize,
         rng: &mut StdRng,
-    ) -> Result<(Vec<P::Completion>, Vec<f32>, f64)> {
+    ) -> Result<(Vec<P::Completion>, Option<TokenLogProbs>, Vec<f32>, f64)> {
         let prompts: Vec<P::Prompt> = batch.iter().map(|b| b.prompt.clone()).collect();
-        let completions = self.policy.sample(&prompts, g, rng)?;
+        let (completions, sampled) = if self.config.num_iterations > 1 {
+            self.policy.sample_with_log_probs(&prompts, g, rng)?
+        } else {
+            (self.policy.sample(&prompts, g, rng)?, None)
+        };
         if completions.len() != batch.len() * g {
             return Err(Error::LengthMismatch {
                 what: "sampled completions",
@@ -218,13 +245,32 @@ where
                 expected: batch.len() * g,
             });
         }
+        if let Some(lp) = &sampled {
+            let want = [
+                completions.len(),
+                lp.logp.dims().get(1).copied().unwrap_or(0),
+            ];
+            let parts = [
+                ("sampled log-probs", &lp.logp),
+                ("sampled log-probs' mask", &lp.mask),
+            ];
+            for (what, t) in parts {
+                if t.dims() != want {
+                    return Err(Error::ShapeMismatch {
+                        what,
+                        expected: want.to_vec(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+            }
+        }
         let t = Instant::now();
         let mut rewards = Vec::with_capacity(completions.len());
         for (row, c) in completions.iter().enumerate() {
             let item = &batch[row / g];
             rewards.push(self.reward.score(&item.prompt, c, &item.group)?);
         }
-        Ok((completions, rewards, t.elapsed().as_secs_f64()))
+        Ok((completions, sampled, rewards, t.elapsed().as_secs_f64()))
     }
 }
 
