@@ -91,6 +91,11 @@ pub struct TrainerConfig {
     /// changes the normalisation; with P-GRPO it also discards the signal such prompts carry.
     /// Default false.
     pub mask_zero_std_prompts: bool,
+    /// Completions cut by the generation budget ([`Policy::is_truncated`](crate::Policy::is_truncated):
+    /// no end-of-sequence token) leave the loss and its denominators (`N` and `B`), as TRL's
+    /// `mask_truncated_completions` (DAPO's overlong filtering). Their rewards still count in
+    /// the advantages and the history. Default false (TRL's).
+    pub mask_truncated_completions: bool,
     /// How rewards become advantages (estimator, eps, P-GRPO options). Default P-GRPO.
     pub advantage: AdvantageConfig,
     /// The per-group reward history kept across steps. Default cumulative (the paper).
@@ -136,6 +141,7 @@ impl Default for TrainerConfig {
             max_steps: None,
             seed: 42,
             mask_zero_std_prompts: false,
+            mask_truncated_completions: false,
             advantage: AdvantageConfig::default(),
             history: HistoryKind::Cumulative,
             objective: ObjectiveConfig::default(),

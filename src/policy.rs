@@ -130,6 +130,42 @@ pub trait Policy {
         Ok(self.log_probs(prompts, completions)?.detach())
     }
 
+    /// [`sample`](Self::sample), plus the sampled completions' log-probs when the sampler
+    /// has them at no extra cost: the same `(B, T)` `logp` and `mask` (no `entropy`) that
+    /// [`log_probs_detached`](Self::log_probs_detached) would return for these completions
+    /// given their prompts (row `i·n + j` is the `j`-th completion of `prompts[i]`), up to
+    /// float rounding. The trainer uses them as the old log-probs of `num_iterations > 1`
+    /// instead of a forward pass. The same seed must give the same completions as
+    /// [`sample`](Self::sample).
+    ///
+    /// The default returns `(self.sample(..), None)`: the trainer then scores the
+    /// completions itself.
+    #[allow(clippy::type_complexity)]
+    fn sample_with_log_probs(
+        &self,
+        prompts: &[Self::Prompt],
+        n: usize,
+        rng: &mut StdRng,
+    ) -> Result<(Vec<Self::Completion>, Option<TokenLogProbs>)> {
+        Ok((self.sample(prompts, n, rng)?, None))
+    }
+
+    /// Whether `completion` was cut by the generation budget
+    /// ([`max_completion_len`](Self::max_completion_len)) instead of ending on its own (with
+    /// an end-of-sequence token): TRL's `mask_truncated_completions` leaves such completions
+    /// out of the loss. The default, `false`, suits policies whose completions cannot be cut.
+    fn is_truncated(&self, completion: &Self::Completion) -> bool {
+        let _ = completion;
+        false
+    }
+
+    /// The generation budget: the most tokens a completion can have (TRL's
+    /// `max_completion_length`; the constant of Dr. GRPO's loss normalisation). `None`
+    /// (the default) when the policy has no such bound.
+    fn max_completion_len(&self) -> Option<usize> {
+        None
+    }
+
     /// The trainable variables, in a fixed order.
     fn vars(&self) -> Vec<Var>;
 

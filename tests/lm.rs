@@ -607,6 +607,7 @@ fn sampling_is_reproducible_from_the_seed() {
             top_k,
             top_p,
             stop_tokens: Some(vec![EOS, 4]),
+            ..Default::default()
         });
         let a = policy
             .sample(&prompts, 4, &mut StdRng::seed_from_u64(11))

@@ -373,6 +373,24 @@ impl Policy for PersonaPolicy {
         self.0.sample(&tokens, n, rng)
     }
 
+    fn sample_with_log_probs(
+        &self,
+        prompts: &[PersonaPrompt],
+        n: usize,
+        rng: &mut StdRng,
+    ) -> pgrpo::Result<(Vec<Vec<u32>>, Option<TokenLogProbs>)> {
+        let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
+        self.0.sample_with_log_probs(&tokens, n, rng)
+    }
+
+    fn is_truncated(&self, completion: &Vec<u32>) -> bool {
+        self.0.is_truncated(completion)
+    }
+
+    fn max_completion_len(&self) -> Option<usize> {
+        self.0.max_completion_len()
+    }
+
     fn log_probs(
         &self,
         prompts: &[&PersonaPrompt],

@@ -8,8 +8,11 @@
 //! - [`tokenizer`]: `tokenizer.json`, GGUF tokenizers, the ChatML prompt format;
 //! - [`chat`]: special tokens and the model's own chat template ([`TokenizerConfig`]),
 //!   `tokenizer_config.json` / `generation_config.json` for `transformers`;
-//! - [`sampling`]: batched KV-cache sampling ([`SamplingConfig`]);
-//! - [`policy`]: [`LmPolicy`], the [`Policy`](crate::Policy) implementation;
+//! - [`sampling`]: batched KV-cache sampling ([`SamplingConfig`]: temperature, top-k, top-p,
+//!   min-p, repetition penalty), and what is scored;
+//! - [`policy`]: [`LmPolicy`], the [`Policy`](crate::Policy) implementation (log-probs at the
+//!   sampling temperature; the sampler's own log-probs; truncation and the generation budget);
+//! - [`reward`]: [`TextReward`], a reward over decoded text;
 //! - [`lora`]: LoRA adapters over a frozen base ([`LoraConfig`], [`Llama::with_lora`]);
 //! - [`peft`]: adapters on disk in PEFT's format, tied to their base by a SHA-256.
 //!
@@ -26,6 +29,7 @@ pub mod lora;
 pub mod model;
 pub mod peft;
 pub mod policy;
+pub mod reward;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -35,5 +39,6 @@ pub use gguf::GgufFile;
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{Grad, Kernels, KvCache, Llama};
 pub use policy::LmPolicy;
+pub use reward::TextReward;
 pub use sampling::{sample_token, SamplingConfig};
 pub use tokenizer::{chatml, Tokenizer};

@@ -28,6 +28,9 @@ impl Llama {
     ///
     /// With [`Grad::Track`] `logp` is differentiable w.r.t. every var. Prompts must be
     /// non-empty; when every completion is empty the result has one masked column.
+    ///
+    /// This scores the model's own distribution (temperature 1); see
+    /// [`token_log_probs_at`](Self::token_log_probs_at) for a sampling temperature.
     pub fn token_log_probs(
         &self,
         prompts: &[&[u32]],
@@ -35,6 +38,35 @@ impl Llama {
         grad: Grad,
         with_entropy: bool,
     ) -> Result<TokenLogProbs> {
+        self.token_log_probs_at(prompts, completions, grad, with_entropy, 1.0)
+    }
+
+    /// [`token_log_probs`](Self::token_log_probs) under the tempered distribution
+    /// `softmax(logits / temperature)` the sampler draws from (see [`SamplingConfig`]):
+    ///
+    /// ```text
+    /// logp[i, t]    = log_softmax(logits[i, P − 1 + t] / T)[completion[i][t]]
+    /// entropy[i, t] = −Σ_v p_v log p_v  with  p = softmax(logits[i, P − 1 + t] / T)
+    /// ```
+    ///
+    /// as TRL's `_get_per_token_logps_and_entropies` (`logits.div_(temperature)`) computes
+    /// them; every kernel path ([`Kernels`], [`Grad`]) gives the same numbers to float
+    /// rounding, and `T = 1` is exactly [`token_log_probs`](Self::token_log_probs).
+    /// `temperature` must be finite and `> 0` ([`Error::InvalidConfig`] otherwise).
+    pub fn token_log_probs_at(
+        &self,
+        prompts: &[&[u32]],
+        completions: &[&[u32]],
+        grad: Grad,
+        with_entropy: bool,
+        temperature: f64,
+    ) -> Result<TokenLogProbs> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::InvalidConfig {
+                field: "temperature",
+                reason: format!("scoring needs a finite temperature > 0, got {temperature}"),
+            });
+        }
         if prompts.len() != completions.len() {
             return Err(Error::LengthMismatch {
                 what: "completions",
@@ -48,9 +80,13 @@ impl Llama {
         }
         if grad == Grad::Detached && self.has_adapters() {
             // LoRA without a graph: merged weights, one GEMM per projection.
-            return self
-                .merged_shared()?
-                .token_log_probs(prompts, completions, grad, with_entropy);
+            return self.merged_shared()?.token_log_probs_at(
+                prompts,
+                completions,
+                grad,
+                with_entropy,
+                temperature,
+            );
         }
         self.check_ids("prompts", prompts)?;
         let vocab = self.config().vocab_size;
@@ -101,13 +137,18 @@ impl Llama {
         let (logp, entropy) = match self.kernels() {
             Kernels::Fused | Kernels::FusedOps => {
                 let idx = Tensor::from_vec(targets, (b, c), &dev)?;
-                let logp = crate::ops::log_softmax_gather(&logits, &idx)?;
+                let logp = crate::ops::log_softmax_gather_at(&logits, &idx, temperature)?;
                 let entropy = with_entropy
-                    .then(|| crate::ops::entropy_last_dim(&logits))
+                    .then(|| crate::ops::entropy_last_dim_at(&logits, temperature))
                     .transpose()?;
                 (logp, entropy)
             }
             Kernels::Reference => {
+                let logits = if temperature == 1.0 {
+                    logits
+                } else {
+                    (logits / temperature)?
+                };
                 let logp_all = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 let idx = Tensor::from_vec(targets, (b, c, 1), &dev)?;
                 let logp = logp_all.gather(&idx, 2)?.squeeze(2)?;
@@ -133,8 +174,15 @@ impl Llama {
 ///
 /// - [`Policy::sample`]: batched KV-cache sampling under [`SamplingConfig`];
 /// - [`Policy::log_probs`]: differentiable `(B, C)` completion log-probs (see
-///   [`Llama::token_log_probs`]), `f32`, with mask and detached entropy;
-/// - [`Policy::log_probs_detached`]: the same without a graph, with fused kernels.
+///   [`Llama::token_log_probs_at`]), `f32`, with mask and detached entropy, under the
+///   distribution the sampler draws from before truncation, `softmax(logits / T)` at the
+///   sampling temperature `T` (`T = 1` for greedy), as TRL scores them; top-k, top-p, min-p
+///   and the repetition penalty are not applied (see [`sampling`](super::sampling) for why);
+/// - [`Policy::log_probs_detached`]: the same without a graph, with fused kernels;
+/// - [`Policy::sample_with_log_probs`]: the completions and the sampler's log-probs of them
+///   (the same numbers up to rounding), so `num_iterations > 1` needs no second pass;
+/// - [`Policy::is_truncated`]: the completion ends without a stop token (cut by
+///   `max_new_tokens`); [`Policy::max_completion_len`]: `max_new_tokens`.
 ///
 /// `Clone` shares the model's vars; [`Policy::snapshot`] deep-copies them.
 ///
@@ -172,6 +220,7 @@ pub struct LmPolicy {
     tokenizer_config: TokenizerConfig,
     sampling: SamplingConfig,
     entropy: bool,
+    sampler_log_probs: bool,
 }
 
 impl LmPolicy {
@@ -185,6 +234,7 @@ impl LmPolicy {
             tokenizer,
             sampling: SamplingConfig::default(),
             entropy: true,
+            sampler_log_probs: true,
         }
     }
 
@@ -296,6 +346,17 @@ impl LmPolicy {
         self
     }
 
+    /// Whether [`Policy::sample_with_log_probs`] hands back the sampler's log-probs (default
+    /// `true`). With `false` it returns none, and a trainer with `num_iterations > 1` scores
+    /// the old log-probs with [`Policy::log_probs_detached`] (a second forward pass). The
+    /// two differ only by the rounding of the KV-cache decode against the full forward, as
+    /// much as the training and the detached paths differ from each other (measured on
+    /// SmolLM2-135M by `examples/sampler_log_probs.rs`; see the README).
+    pub fn with_sampler_log_probs(mut self, on: bool) -> Self {
+        self.sampler_log_probs = on;
+        self
+    }
+
     /// The sampling settings.
     pub fn sampling(&self) -> &SamplingConfig {
         &self.sampling
@@ -350,7 +411,10 @@ impl LmPolicy {
     ) -> Result<TokenLogProbs> {
         let p: Vec<&[u32]> = prompts.iter().map(|v| v.as_slice()).collect();
         let c: Vec<&[u32]> = completions.iter().map(Vec::as_slice).collect();
-        let lp = self.model.token_log_probs(&p, &c, grad, self.entropy)?;
+        let temperature = self.sampling.scoring_temperature();
+        let lp = self
+            .model
+            .token_log_probs_at(&p, &c, grad, self.entropy, temperature)?;
         if self.model.dtype() == DType::F32 {
             return Ok(lp);
         }
@@ -373,6 +437,65 @@ impl Policy for LmPolicy {
     fn sample(&self, prompts: &[Vec<u32>], n: usize, rng: &mut StdRng) -> Result<Vec<Vec<u32>>> {
         let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         self.model.generate(&p, n, &self.sampling, rng)
+    }
+
+    /// The completions and their log-probs from the sampler
+    /// ([`Llama::generate_with_log_probs`]): `(B, C)` `f32`, right-padded like
+    /// [`log_probs_detached`](Policy::log_probs_detached), no entropy. `None` for no rows,
+    /// or when [`with_sampler_log_probs(false)`](LmPolicy::with_sampler_log_probs) turned
+    /// them off.
+    fn sample_with_log_probs(
+        &self,
+        prompts: &[Vec<u32>],
+        n: usize,
+        rng: &mut StdRng,
+    ) -> Result<(Vec<Vec<u32>>, Option<TokenLogProbs>)> {
+        if !self.sampler_log_probs {
+            return Ok((self.sample(prompts, n, rng)?, None));
+        }
+        let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let (outs, logp) = self
+            .model
+            .generate_with_log_probs(&p, n, &self.sampling, rng)?;
+        if outs.is_empty() {
+            return Ok((outs, None));
+        }
+        let (b, c) = (
+            outs.len(),
+            outs.iter().map(Vec::len).max().unwrap_or(0).max(1),
+        );
+        let mut lp = vec![0f32; b * c];
+        let mut mask = vec![0f32; b * c];
+        for (row, l) in logp.iter().enumerate() {
+            lp[row * c..row * c + l.len()].copy_from_slice(l);
+            mask[row * c..row * c + l.len()].fill(1.0);
+        }
+        let dev = self.device();
+        let lp = TokenLogProbs {
+            logp: Tensor::from_vec(lp, (b, c), dev)?,
+            mask: Tensor::from_vec(mask, (b, c), dev)?,
+            entropy: None,
+        };
+        Ok((outs, Some(lp)))
+    }
+
+    /// `true` when `completion` does not end with a stop token ([`SamplingConfig`]'s
+    /// `stop_tokens`, else the model's EOS ids), as TRL's `mask_truncated_completions`
+    /// decides (its last token is neither EOS nor padding). A completion from this policy's
+    /// sampler can only lack one when `max_new_tokens` cut it.
+    fn is_truncated(&self, completion: &Vec<u32>) -> bool {
+        let Some(last) = completion.last() else {
+            return true;
+        };
+        match &self.sampling.stop_tokens {
+            Some(stop) => !stop.contains(last),
+            None => !self.model.config().eos_token_ids().contains(last),
+        }
+    }
+
+    /// `max_new_tokens` of the [`SamplingConfig`].
+    fn max_completion_len(&self) -> Option<usize> {
+        Some(self.sampling.max_new_tokens)
     }
 
     fn log_probs(&self, prompts: &[&Vec<u32>], completions: &[Vec<u32>]) -> Result<TokenLogProbs> {
@@ -406,6 +529,7 @@ impl Policy for LmPolicy {
             tokenizer_config: self.tokenizer_config.clone(),
             sampling: self.sampling.clone(),
             entropy: self.entropy,
+            sampler_log_probs: self.sampler_log_probs,
         })
     }
 }

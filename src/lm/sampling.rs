@@ -1,34 +1,82 @@
-//! Batched autoregressive sampling with a KV cache: temperature, top-k, top-p, stop tokens.
+//! Batched autoregressive sampling with a KV cache: temperature, top-k, top-p, min-p,
+//! repetition penalty, stop tokens; and the log-probs of the sampled tokens.
+//!
+//! # What is sampled, and what is scored
+//!
+//! A token is drawn, as `transformers`' `generate` draws it, from the model's logits `x`
+//! after, in this order:
+//!
+//! 1. **repetition penalty** `r` (CTRL, Keskar et al. 2019; transformers'
+//!    `RepetitionPenaltyLogitsProcessor`): for every token already in the prompt or the
+//!    completion so far, `x ← x / r` if `x > 0`, else `x ← x · r`;
+//! 2. **temperature** `T`: `softmax(x / T)` (`T = 0`: greedy argmax of the penalised logits);
+//! 3. **top-k**, **top-p** and **min-p** (transformers' `MinPLogitsWarper`: drop the tokens
+//!    whose probability is below `min_p` times the most likely token's) truncate the
+//!    support; the draw is from the renormalised remainder.
+//!
+//! The policy's log-probs ([`LmPolicy`](super::LmPolicy)'s `log_probs`, `log_probs_detached`,
+//! and the sampler's own, [`Llama::generate_with_log_probs`]) are those of the **tempered
+//! model distribution** `log_softmax(x / T)` of step 2 with the raw logits, without the
+//! penalty and without the truncation of step 3, as TRL scores them
+//! (`_get_per_token_logps_and_entropies` divides by `temperature` and ignores `top_k`,
+//! `top_p`, `min_p` and `repetition_penalty`). Why not the truncated distribution: its
+//! support depends on the weights, so after an update a sampled token can fall outside it
+//! (log-prob `−∞`, an infinite ratio) and the reference model's support differs from the
+//! policy's (an infinite KL); the tempered distribution is smooth in the weights and gives
+//! every token a finite log-prob. The price is that with truncation or a penalty the
+//! "old" log-prob is not exactly the probability the token was drawn with; the clipped
+//! ratio keeps the update bounded regardless. With `T = 0` (greedy) scoring uses `T = 1`.
 
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use super::model::{Grad, Llama};
 use crate::error::bail_config;
 use crate::{Error, Result};
 
-/// How completions are sampled.
+/// How completions are sampled (TRL's `GRPOConfig` generation fields; transformers'
+/// `GenerationConfig` semantics).
 ///
 /// ```
 /// let greedy = pgrpo::lm::SamplingConfig { temperature: 0.0, max_new_tokens: 16, ..Default::default() };
 /// greedy.validate()?;
 /// # Ok::<(), pgrpo::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SamplingConfig {
-    /// Maximum number of generated tokens per completion (the stop token included).
+    /// Maximum number of generated tokens per completion (the stop token included); the
+    /// generation budget ([`Policy::max_completion_len`](crate::Policy::max_completion_len)).
+    /// Default 64 (TRL's `max_completion_length` defaults to 256).
     pub max_new_tokens: usize,
-    /// Softmax temperature: tokens are drawn from `softmax(logits / temperature)`.
-    /// `0` means greedy (argmax, no randomness drawn).
+    /// Softmax temperature: tokens are drawn from `softmax(logits / temperature)`, and
+    /// log-probs are scored under the same distribution. `0` means greedy (argmax, no
+    /// randomness drawn; scored at temperature 1). Default 1.0 (TRL's `temperature`).
     pub temperature: f64,
-    /// Keep only the `top_k` most likely tokens before sampling; `0` keeps all.
+    /// Keep only the `top_k` most likely tokens before sampling; `0` keeps all. Default 0
+    /// (TRL's `top_k`, whose `None`/0 disables it). Not applied when scoring.
     pub top_k: usize,
     /// Nucleus sampling: keep the smallest set of most likely tokens whose probability
-    /// (after temperature and top-k) reaches `top_p`; `1.0` keeps all.
+    /// (after temperature and top-k) reaches `top_p`; `1.0` keeps all. Default 1.0 (TRL's
+    /// `top_p`). Not applied when scoring.
     pub top_p: f64,
+    /// Min-p sampling: keep only the tokens whose probability (after temperature) is at
+    /// least `min_p` times the most likely token's; `0` keeps all. In `[0, 1]`. Default 0
+    /// (TRL's `min_p`, whose `None` disables it; transformers' `MinPLogitsWarper`). Not
+    /// applied when scoring.
+    pub min_p: f64,
+    /// Repetition penalty `r > 0` on the raw logits of every token already present in the
+    /// prompt or the completion so far: positive logits are divided by `r`, negative ones
+    /// multiplied by it (`r > 1` discourages repeats). `1.0` disables it. Default 1.0 (TRL's
+    /// `repetition_penalty`; transformers' `RepetitionPenaltyLogitsProcessor`). Not applied
+    /// when scoring.
+    pub repetition_penalty: f64,
     /// Tokens that end a completion (kept as its last token). `None`: the model config's
-    /// `eos_token_id`s.
+    /// `eos_token_id`s. A completion that does not end with one was cut by
+    /// `max_new_tokens` ([`Policy::is_truncated`](crate::Policy::is_truncated)).
+    /// Default `None`.
     pub stop_tokens: Option<Vec<u32>>,
 }
 
@@ -40,6 +88,8 @@ impl Default for SamplingConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             stop_tokens: None,
         }
     }
@@ -47,7 +97,7 @@ impl Default for SamplingConfig {
 
 impl SamplingConfig {
     /// Checks the ranges: `max_new_tokens ≥ 1`, `temperature ≥ 0` and finite,
-    /// `top_p ∈ (0, 1]`.
+    /// `top_p ∈ (0, 1]`, `min_p ∈ [0, 1]`, `repetition_penalty > 0` and finite.
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 {
             bail_config!("max_new_tokens", "must be at least 1");
@@ -62,7 +112,27 @@ impl SamplingConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail_config!("top_p", "must be in (0, 1], got {}", self.top_p);
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail_config!("min_p", "must be in [0, 1], got {}", self.min_p);
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            bail_config!(
+                "repetition_penalty",
+                "must be finite and > 0 (1 disables it), got {}",
+                self.repetition_penalty
+            );
+        }
         Ok(())
+    }
+
+    /// The temperature log-probs are scored at: `temperature`, or 1 for greedy
+    /// (`temperature == 0`).
+    pub fn scoring_temperature(&self) -> f64 {
+        if self.temperature > 0.0 {
+            self.temperature
+        } else {
+            1.0
+        }
     }
 }
 
@@ -82,13 +152,51 @@ impl Llama {
         cfg: &SamplingConfig,
         rng: &mut StdRng,
     ) -> Result<Vec<Vec<u32>>> {
+        Ok(self.decode(prompts, n, cfg, rng, false)?.0)
+    }
+
+    /// [`generate`](Self::generate) (the same completions for the same seed), plus each
+    /// sampled token's log-prob under the tempered model distribution,
+    /// `log_softmax(logits / T)[token]` with `T` =
+    /// [`scoring_temperature`](SamplingConfig::scoring_temperature), computed in `f32` from
+    /// the very logits the token was drawn from (see the [module docs](self) for why the
+    /// penalty and the truncation are left out). `log_probs[i].len() == completions[i].len()`.
+    ///
+    /// These equal [`token_log_probs_at`](Self::token_log_probs_at) of the same completions
+    /// up to the rounding difference between the KV-cache decode and the full forward.
+    #[allow(clippy::type_complexity)]
+    pub fn generate_with_log_probs(
+        &self,
+        prompts: &[&[u32]],
+        n: usize,
+        cfg: &SamplingConfig,
+        rng: &mut StdRng,
+    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
+        let (outs, logp) = self.decode(prompts, n, cfg, rng, true)?;
+        let logp = logp.unwrap_or_else(|| vec![Vec::new(); outs.len()]);
+        Ok((outs, logp))
+    }
+
+    /// The decode loop of [`generate`](Self::generate); with `with_log_probs`, also the
+    /// sampled tokens' log-probs.
+    #[allow(clippy::type_complexity)]
+    fn decode(
+        &self,
+        prompts: &[&[u32]],
+        n: usize,
+        cfg: &SamplingConfig,
+        rng: &mut StdRng,
+        with_log_probs: bool,
+    ) -> Result<(Vec<Vec<u32>>, Option<Vec<Vec<f32>>>)> {
         cfg.validate()?;
         if prompts.is_empty() || n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), with_log_probs.then(Vec::new)));
         }
         if self.has_adapters() {
             // LoRA: merge once, then decode exactly as the plain model does.
-            return self.merged_shared()?.generate(prompts, n, cfg, rng);
+            return self
+                .merged_shared()?
+                .decode(prompts, n, cfg, rng, with_log_probs);
         }
         self.check_ids("prompts", prompts)?;
         let stop = cfg
@@ -121,13 +229,39 @@ impl Llama {
         }
         let mut logits = self.logits(&last, Grad::Detached)?; // (B, V)
         let mut outs = vec![Vec::new(); p * n];
+        let mut logps = vec![Vec::new(); if with_log_probs { p * n } else { 0 }];
+        // The tokens seen by each row (prompt and completion so far), for the penalty.
+        let mut seen: Vec<Seen> = if cfg.repetition_penalty != 1.0 {
+            (0..p * n).map(|row| Seen::new(prompts[row / n])).collect()
+        } else {
+            Vec::new()
+        };
+        let inv_t =
+            (cfg.scoring_temperature() != 1.0).then(|| (1.0 / cfg.scoring_temperature()) as f32);
         let mut active: Vec<usize> = (0..p * n).collect();
         for step in 0..cfg.max_new_tokens {
-            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             let mut keep = Vec::with_capacity(active.len());
             let mut next = Vec::with_capacity(active.len());
             for (r, &out) in active.iter().enumerate() {
-                let tok = sample_token(&rows[r], cfg, rng)?;
+                let row = &mut rows[r];
+                // Scored on the raw logits (before the penalty), as `token_log_probs_at`.
+                let lse = with_log_probs.then(|| crate::ops::row_log_sum_exp(row, inv_t));
+                let mut raw = None;
+                if let Some(s) = seen.get(out) {
+                    if with_log_probs {
+                        raw = Some(row.clone());
+                    }
+                    penalise(row, &s.0, cfg.repetition_penalty as f32);
+                }
+                let tok = sample_token(row, cfg, rng)?;
+                if let Some(lse) = lse {
+                    let x = raw.as_ref().unwrap_or(row)[tok as usize];
+                    logps[out].push(crate::ops::row_log_prob(x, inv_t, lse));
+                }
+                if let Some(s) = seen.get_mut(out) {
+                    s.insert(tok);
+                }
                 outs[out].push(tok);
                 if !stop.contains(&tok) {
                     keep.push(r);
@@ -144,7 +278,7 @@ impl Llama {
             let ids = Tensor::from_vec(next, (active.len(), 1), &dev)?;
             logits = self.forward_cached(&ids, None, &mut cache)?.squeeze(1)?;
         }
-        Ok(outs)
+        Ok((outs, with_log_probs.then_some(logps)))
     }
 
     /// Checks that every sequence is non-empty and inside the vocabulary.
@@ -172,8 +306,13 @@ impl Llama {
 ///
 /// Candidates are the `top_k` largest logits (all when 0); probabilities are
 /// `softmax(logits / temperature)` over them; top-p keeps the most likely prefix whose mass
-/// reaches `top_p`. One uniform is drawn from `rng` unless greedy. Ties break towards the
-/// lower token id. NaN logits count as impossible; a row with no possible token is an error.
+/// reaches `top_p`; min-p then keeps the candidates with `p ≥ min_p · p_max`, i.e.
+/// `exp((x − x_max) / T) ≥ min_p` (the most likely token always stays). One uniform is drawn
+/// from `rng` unless greedy. Ties break towards the lower token id. NaN logits count as
+/// impossible; a row with no possible token is an error.
+///
+/// The repetition penalty needs the row's history and is not applied here: `generate`
+/// applies it to the logits first.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> Result<u32> {
     let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     if cfg.temperature == 0.0 {
@@ -229,6 +368,19 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> R
         probs.truncate(keep);
         cand.truncate(keep);
     }
+    if cfg.min_p > 0.0 {
+        // Weights are relative to the most likely candidate (weight e^0 = 1).
+        let mut j = 0;
+        for i in 0..probs.len() {
+            if probs[i] >= cfg.min_p {
+                probs[j] = probs[i];
+                cand[j] = cand[i];
+                j += 1;
+            }
+        }
+        probs.truncate(j);
+        cand.truncate(j);
+    }
     let total: f64 = probs.iter().sum();
     let u = rng.random::<f64>() * total;
     let mut acc = 0.0;
@@ -241,4 +393,159 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> R
     // Rounding left `u` at the very top: take the last candidate with mass.
     let j = probs.iter().rposition(|&q| q > 0.0).unwrap_or(0);
     Ok(cand[j])
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor` on one row: for every token in `seen`,
+/// `x ← x / r` if `x > 0`, else `x ← x · r` (in `f32`, as transformers computes it).
+fn penalise(row: &mut [f32], seen: &[u32], r: f32) {
+    for &t in seen {
+        if let Some(x) = row.get_mut(t as usize) {
+            *x = if *x < 0.0 { *x * r } else { *x / r };
+        }
+    }
+}
+
+/// The distinct tokens of a row's prompt and completion so far, sorted.
+struct Seen(Vec<u32>);
+
+impl Seen {
+    fn new(prompt: &[u32]) -> Self {
+        let mut v = prompt.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        Seen(v)
+    }
+
+    fn insert(&mut self, t: u32) {
+        if let Err(at) = self.0.binary_search(&t) {
+            self.0.insert(at, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn cfg(temperature: f64) -> SamplingConfig {
+        SamplingConfig {
+            temperature,
+            ..Default::default()
+        }
+    }
+
+    /// transformers' rule, by hand: 2 / 1.5, −1 · 1.5, 0 / 1.5 = 0; unseen tokens untouched.
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let mut row = [2.0f32, -1.0, 0.0, 3.0, -4.0];
+        penalise(&mut row, &Seen::new(&[1, 0, 2, 1]).0, 1.5);
+        assert_eq!(row, [2.0 / 1.5, -1.5, 0.0, 3.0, -4.0]);
+        let mut s = Seen::new(&[4, 2, 4]);
+        s.insert(3);
+        s.insert(2);
+        assert_eq!(s.0, [2, 3, 4]);
+    }
+
+    /// Logits ln(0.5), ln(0.3), ln(0.15), ln(0.05) at T = 1: p / p_max = 1, 0.6, 0.3, 0.1.
+    /// min_p = 0.25 keeps tokens 0–2 (0.1 < 0.25), min_p = 0.7 token 0 only. The kept set is
+    /// checked by drawing many times: every kept token appears, no dropped one does, and the
+    /// frequencies follow the renormalised probabilities.
+    #[test]
+    fn min_p_keeps_the_tokens_above_min_p_times_the_top_probability() {
+        let logits: Vec<f32> = [0.5f64, 0.3, 0.15, 0.05]
+            .iter()
+            .map(|p| p.ln() as f32)
+            .collect();
+        let draws = |min_p: f64, temperature: f64| {
+            let c = SamplingConfig {
+                min_p,
+                ..cfg(temperature)
+            };
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut counts = [0usize; 4];
+            for _ in 0..20_000 {
+                counts[sample_token(&logits, &c, &mut rng).unwrap() as usize] += 1;
+            }
+            counts
+        };
+        let c = draws(0.25, 1.0);
+        assert_eq!(c[3], 0, "{c:?}");
+        // Renormalised over {0, 1, 2}: 0.5 / 0.95 ≈ 0.526, 0.3 / 0.95 ≈ 0.316, 0.158.
+        for (k, want) in [(0, 0.5 / 0.95), (1, 0.3 / 0.95), (2, 0.15 / 0.95)] {
+            let got = c[k] as f64 / 20_000.0;
+            assert!((got - want).abs() < 0.015, "token {k}: {got} vs {want}");
+        }
+        assert_eq!(draws(0.7, 1.0), [20_000, 0, 0, 0]);
+        // At T = 2 the ratios are square roots: 1, 0.775, 0.548, 0.316; min_p = 0.5 keeps 0–2.
+        let c = draws(0.5, 2.0);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] > 0 && c[3] == 0, "{c:?}");
+        // min_p = 0 and min_p = 1e-9 (keeps everything) draw the same tokens as before.
+        assert_eq!(draws(0.0, 1.0), draws(1e-9, 1.0));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = [
+            SamplingConfig {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingConfig {
+                min_p: -0.1,
+                ..Default::default()
+            },
+            SamplingConfig {
+                min_p: f64::NAN,
+                ..Default::default()
+            },
+            SamplingConfig {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingConfig {
+                repetition_penalty: f64::INFINITY,
+                ..Default::default()
+            },
+        ];
+        let fields = [
+            "min_p",
+            "min_p",
+            "min_p",
+            "repetition_penalty",
+            "repetition_penalty",
+        ];
+        for (c, f) in bad.iter().zip(fields) {
+            match c.validate() {
+                Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, f),
+                other => panic!("{c:?}: {other:?}"),
+            }
+        }
+        SamplingConfig {
+            min_p: 1.0,
+            repetition_penalty: 0.5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn serde_uses_defaults_and_rejects_unknown_fields() {
+        let c: SamplingConfig = serde_json::from_str(r#"{"min_p": 0.1}"#).unwrap();
+        assert_eq!(
+            c,
+            SamplingConfig {
+                min_p: 0.1,
+                ..Default::default()
+            }
+        );
+        assert!(serde_json::from_str::<SamplingConfig>(r#"{"top_q": 0.1}"#).is_err());
+    }
+
+    #[test]
+    fn scoring_temperature_is_one_for_greedy() {
+        assert_eq!(cfg(0.0).scoring_temperature(), 1.0);
+        assert_eq!(cfg(0.7).scoring_temperature(), 0.7);
+    }
 }

@@ -16,7 +16,7 @@
 //! | [`attention`] | scores, mask, softmax, weighted sum, transposes (≈10 nodes) | the same |
 //! | [`swiglu`] | `silu(gate) * up` (2 nodes) | the same |
 //! | [`linear`] | `x.matmul(w.t())` (2 nodes, a strided gradient copy) | the same |
-//! | [`log_softmax_gather`] | `log_softmax` + `gather` (the `(N, V)` log-probs kept twice) | the same |
+//! | [`log_softmax_gather`] ([`log_softmax_gather_at`] at a sampling temperature) | `log_softmax` + `gather` (the `(N, V)` log-probs kept twice) | the same |
 //! | [`decoder_block`] | a whole Llama block (≈15 nodes of the kernels above), with optional LoRA adapters | the per-op path (`tests/kernels.rs`, `tests/lora.rs`) |
 //!
 //! **Devices and dtypes.** The fused kernels run on the CPU in `f32`. Every public function
@@ -39,7 +39,10 @@ pub use attention::attention;
 pub use block::{decoder_block, BlockLora, BlockShape, BlockWeights, PROJECTIONS};
 pub use dropout::Dropout;
 pub use linear::linear;
-pub use log_softmax_gather::{entropy_last_dim, log_softmax_gather};
+pub use log_softmax_gather::{
+    entropy_last_dim, entropy_last_dim_at, log_softmax_gather, log_softmax_gather_at,
+};
+pub(crate) use log_softmax_gather::{row_log_prob, row_log_sum_exp};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;

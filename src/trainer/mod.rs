@@ -195,10 +195,15 @@ where
     pub fn with_optimizer(
         policy: P,
         reward: R,
-        config: TrainerConfig,
+        mut config: TrainerConfig,
         optimizer: O,
     ) -> Result<Self> {
         config.validate()?;
+        // Dr. GRPO's constant is the generation budget (TRL's `max_completion_length`): the
+        // policy's, unless the config sets one.
+        if config.objective.max_completion_len.is_none() {
+            config.objective.max_completion_len = policy.max_completion_len();
+        }
         let reference = if config.objective.beta > 0.0 {
             Some(policy.snapshot()?)
         } else {

@@ -33,6 +33,22 @@ impl<T> GroupedPrompt<T> {
             group: group.into(),
         }
     }
+
+    /// A prompt without a preference-group label, for plain GRPO: it goes in the one
+    /// default group `"all"` ([`GroupKey::Name`]), shared by every ungrouped prompt.
+    ///
+    /// With a per-prompt estimator (GRPO) the group plays no part; with P-GRPO every
+    /// ungrouped prompt is normalised against one shared reward history; metrics name the
+    /// group `all` (`group/all/reward_mean`).
+    ///
+    /// ```
+    /// use pgrpo::{GroupKey, GroupedPrompt};
+    /// let p = GroupedPrompt::ungrouped("What is 2 + 2?");
+    /// assert_eq!(p.group, GroupKey::from("all"));
+    /// ```
+    pub fn ungrouped(prompt: T) -> Self {
+        Self::new(prompt, "all")
+    }
 }
 
 /// Sampled, scored and normalised completions of one batch, before the update.
@@ -135,8 +151,10 @@ where
         // Every rank needs every reward function's score of every row (`g · F` per prompt).
         let t1 = Instant::now();
         let fp = protocol::batch_fingerprint(self.step, batch.iter().map(|item| &item.group));
-        let local = local.map(|(completions, scores, t_reward)| ((completions, t_reward), scores));
-        let ((completions, t_reward), scores) =
+        let local = local.map(|(completions, sampled, scores, t_reward)| {
+            ((completions, sampled, t_reward), scores)
+        });
+        let ((completions, sampled, t_reward), scores) =
             protocol::exchange_rewards(&self.comm, fp, batch.len(), g * f, local)?;
         let t_exchange = t1.elapsed().as_secs_f64();
         let t_sample = t_local - t_reward;
@@ -192,8 +210,18 @@ where
         let rows = shard.start * g..shard.end * g;
         let row_prompts: Vec<&P::Prompt> = rows.clone().map(|r| &batch[r / g].prompt).collect();
         let t2 = Instant::now();
-        let micro = self.micro_batches(&row_prompts, &completions)?;
+        // The sampler's own log-probs serve as the old log-probs when it has them (no
+        // second forward pass).
+        let micro = self.micro_batches(&row_prompts, &completions, sampled.as_ref())?;
         let t_old = t2.elapsed().as_secs_f64();
+        // Rows that leave the loss: masked prompts (known to every rank) and this rank's
+        // truncated completions.
+        let mut dropped = keep_rows(zero_std, &rows);
+        if self.config.mask_truncated_completions {
+            for (d, c) in dropped.iter_mut().zip(&completions) {
+                *d |= self.policy.is_truncated(c);
+            }
+        }
         Ok(Rollout {
             prompts: row_prompts,
             completions,
@@ -212,7 +240,7 @@ where
             global_rows: n,
             all_masked,
             micro,
-            zero_std_rows: keep_rows(zero_std, &rows),
+            zero_std_rows: dropped,
             timings: vec![
                 ("sample", t_sample),
                 ("reward", t_reward),
@@ -224,17 +252,24 @@ where
     }
 
     /// Samples `g` completions for each prompt of `batch` and scores them in one
-    /// [`RewardFn::score_parts`] call: the completions, each reward function's score of each
-    /// row (`(rows, f)`, row-major) and the seconds spent scoring.
+    /// [`RewardFn::score_parts`] call: the completions, the sampler's log-probs of them (asked
+    /// for only when a step makes several optimizer updates and needs old log-probs; `None`
+    /// when the policy has none), each reward function's score of each row (`(rows, f)`,
+    /// row-major) and the seconds spent scoring.
+    #[allow(clippy::type_complexity)]
     fn sample_and_score(
         &mut self,
         batch: &[GroupedPrompt<P::Prompt>],
         g: usize,
         f: usize,
         rng: &mut StdRng,
-    ) -> Result<(Vec<P::Completion>, Vec<f32>, f64)> {
+    ) -> Result<(Vec<P::Completion>, Option<TokenLogProbs>, Vec<f32>, f64)> {
         let prompts: Vec<P::Prompt> = batch.iter().map(|b| b.prompt.clone()).collect();
-        let completions = self.policy.sample(&prompts, g, rng)?;
+        let (completions, sampled) = if self.config.optimizer_steps_per_step() > 1 {
+            self.policy.sample_with_log_probs(&prompts, g, rng)?
+        } else {
+            (self.policy.sample(&prompts, g, rng)?, None)
+        };
         if completions.len() != batch.len() * g {
             return Err(Error::LengthMismatch {
                 what: "sampled completions",
@@ -242,6 +277,25 @@ where
                 against: "prompts × num_generations",
                 expected: batch.len() * g,
             });
+        }
+        if let Some(lp) = &sampled {
+            let want = [
+                completions.len(),
+                lp.logp.dims().get(1).copied().unwrap_or(0),
+            ];
+            let parts = [
+                ("sampled log-probs", &lp.logp),
+                ("sampled log-probs' mask", &lp.mask),
+            ];
+            for (what, t) in parts {
+                if t.dims() != want {
+                    return Err(Error::ShapeMismatch {
+                        what,
+                        expected: want.to_vec(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+            }
         }
         let t = Instant::now();
         let rows: Vec<RewardInput<'_, P::Prompt, P::Completion>> = completions
@@ -266,7 +320,7 @@ where
             });
         }
         drop(rows);
-        Ok((completions, scores, t.elapsed().as_secs_f64()))
+        Ok((completions, sampled, scores, t.elapsed().as_secs_f64()))
     }
 }
 

@@ -136,7 +136,7 @@ where
     ) -> Result<ObjectiveOutput> {
         let dev = lp.logp.device().clone();
         let old_logp = match old {
-            Some(o) => o.clone(),
+            Some(o) => fit_width(o, lp.logp.dims().get(1).copied().unwrap_or(0))?,
             None => lp.logp.detach(),
         };
         // Masked prompts (`mask_zero_std_prompts`) leave the batch: their tokens leave `N`
@@ -535,6 +535,7 @@ where
         &self,
         prompts: &[&P::Prompt],
         completions: &[P::Completion],
+        sampled: Option<&TokenLogProbs>,
     ) -> Result<Vec<MicroBatch>> {
         let needs_old = self.config.optimizer_steps_per_step() > 1;
         micro_ranges(prompts.len(), self.config.micro_batches_per_generation())
@@ -542,9 +543,10 @@ where
             .map(|rows| {
                 let (p, c) = (&prompts[rows.clone()], &completions[rows.clone()]);
                 let some = !rows.is_empty();
-                let old = match needs_old && some {
-                    true => Some(self.policy.log_probs_detached(p, c)?.logp),
-                    false => None,
+                let old = match (needs_old && some, sampled) {
+                    (false, _) => None,
+                    (true, Some(lp)) => Some(lp.logp.narrow(0, rows.start, rows.len())?),
+                    (true, None) => Some(self.policy.log_probs_detached(p, c)?.logp),
                 };
                 let reference = match &self.reference {
                     Some(r) if some => Some(r.log_probs_detached(p, c)?.logp),
@@ -558,6 +560,18 @@ where
             })
             .collect()
     }
+}
+
+/// `t` `(B, T')` as `(B, width)`: columns beyond `width` dropped (the sampler's log-probs are
+/// as wide as the whole batch's longest completion; past this micro-batch's own longest they
+/// are padding for every one of its rows) or zero columns appended (padding, masked out).
+fn fit_width(t: &Tensor, width: usize) -> Result<Tensor> {
+    let w = t.dims().get(1).copied().unwrap_or(0);
+    Ok(match w.cmp(&width) {
+        std::cmp::Ordering::Equal => t.clone(),
+        std::cmp::Ordering::Greater => t.narrow(1, 0, width)?,
+        std::cmp::Ordering::Less => t.pad_with_zeros(1, 0, width - w)?,
+    })
 }
 
 /// The micro-batches' `(B_m, T_m)` tensors (`None` for an empty micro-batch) as one
