@@ -33,7 +33,7 @@ fn main() -> pgrpo::Result<()> {
         let mut trainer = Trainer::new(policy, reward, cfg)?;
         for g in 0..groups {
             let r = [0.0, 1.0, 2.0, 3.0, (g % 4) as f32, 1.5, 0.5, 2.5];
-            trainer.history_mut().update(&GroupKey::Id(g), &r)?;
+            trainer.history_mut().update(GroupKey::Id(g), &r)?;
         }
         let mut rng = StdRng::seed_from_u64(0);
         for s in 0..steps {

@@ -243,7 +243,7 @@ fn bounded(history: &RewardHistory, batch: &[GroupKey], top_k: usize) -> Vec<Gro
     let mut by_size: Vec<(&GroupKey, u64)> = history.iter().map(|(k, s)| (k, s.n)).collect();
     // Most rewards first; the history iterates in key order and the sort is stable, so ties
     // keep the smaller key first.
-    by_size.sort_by(|a, b| b.1.cmp(&a.1));
+    by_size.sort_by_key(|p| std::cmp::Reverse(p.1));
     let mut picked: Vec<GroupKey> = by_size
         .iter()
         .take(top_k)

@@ -114,7 +114,11 @@ struct Args {
     out: PathBuf,
     /// Estimators, comma-separated (any `pgrpo::Estimator` name; `_shuffled` = P-GRPO's
     /// label-shuffling ablation).
-    #[arg(long, value_delimiter = ',', default_value = "grpo,p_grpo,p_grpo_shuffled")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "grpo,p_grpo,p_grpo_shuffled"
+    )]
     estimators: Vec<String>,
     /// Seeds per estimator (seeds `first_seed .. first_seed + seeds`).
     #[arg(long, default_value_t = 5)]
@@ -366,7 +370,10 @@ fn base_rates(shared: &Shared, s: &Settings, n: usize, out: &Path) -> Result<(),
         .snapshot()
         .and_then(|p| p.with_sampling(s.sampling()))
         .map_err(|e| e.to_string())?;
-    let tokenizer = policy.tokenizer().cloned().ok_or("the model has no tokenizer")?;
+    let tokenizer = policy
+        .tokenizer()
+        .cloned()
+        .ok_or("the model has no tokenizer")?;
     let reward = run::TextReward::new(tokenizer);
     let all: Vec<Vec<Vec<u32>>> = shared
         .train
@@ -525,8 +532,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }),
             Job::Train(a, k) => {
-                run::train(&shared, &s, &out, &arms[a], k, args.stop_after, !args.quiet).map(
-                    |o| match o {
+                run::train(&shared, &s, &out, &arms[a], k, args.stop_after, !args.quiet).map(|o| {
+                    match o {
                         Outcome::Finished => eprintln!(
                             "done: {} seed {k} in {:.0}s",
                             arms[a].name,
@@ -540,8 +547,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             );
                         }
                         Outcome::AlreadyDone => {}
-                    },
-                )
+                    }
+                })
             }
         };
         if let Err(e) = result {

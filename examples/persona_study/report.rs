@@ -45,7 +45,13 @@ fn row_names() -> Vec<String> {
 fn with_means(per_group: &[f64]) -> Vec<f64> {
     let mut v = per_group.to_vec();
     v.push(per_group.iter().sum::<f64>() / per_group.len() as f64);
-    v.push(per_group.iter().zip(&GROUPS).map(|(r, g)| r * g.share).sum());
+    v.push(
+        per_group
+            .iter()
+            .zip(&GROUPS)
+            .map(|(r, g)| r * g.share)
+            .sum(),
+    );
     v
 }
 
@@ -82,9 +88,9 @@ fn load_runs(out: &Path, arms: &[Arm], seeds: &[u64]) -> Result<Vec<RunData>, St
     for &seed in seeds {
         let base_path = out.join("base").join(format!("seed-{seed}.json"));
         let base: Option<Eval> = match fs::read_to_string(&base_path) {
-            Ok(t) => {
-                Some(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", base_path.display()))?)
-            }
+            Ok(t) => Some(
+                serde_json::from_str(&t).map_err(|e| format!("{}: {e}", base_path.display()))?,
+            ),
             Err(_) => None,
         };
         for (a, arm) in arms.iter().enumerate() {
@@ -193,14 +199,22 @@ pub fn write(
 ) -> Result<String, Box<dyn std::error::Error>> {
     let runs = load_runs(out, arms, seeds)?;
     if runs.is_empty() {
-        return Err(format!("{} holds no runs of these estimators and seeds", out.display()).into());
+        return Err(format!(
+            "{} holds no runs of these estimators and seeds",
+            out.display()
+        )
+        .into());
     }
     let names: Vec<String> = arms.iter().map(|a| a.name.clone()).collect();
     let rows = row_names();
     let eval_steps = s.eval_steps();
     let last = s.steps as u64;
     let mid = eval_steps[eval_steps.len() / 2];
-    let complete = |a: usize| runs.iter().filter(|r| r.arm == a && r.done.is_some()).count();
+    let complete = |a: usize| {
+        runs.iter()
+            .filter(|r| r.arm == a && r.done.is_some())
+            .count()
+    };
     let mut md = String::new();
 
     let _ = writeln!(md, "# Persona study: {}\n", names.join(" vs "));
@@ -232,8 +246,12 @@ pub fn write(
         .enumerate()
         .map(|(a, arm)| format!("{} {}/{}", arm.name, complete(a), seeds.len()))
         .collect();
-    let _ = writeln!(md, "Complete runs: {}. Cells: mean ± 95% t-interval over seeds; \
-        differences are paired by seed (bold: the interval excludes 0).\n", counts.join(", "));
+    let _ = writeln!(
+        md,
+        "Complete runs: {}. Cells: mean ± 95% t-interval over seeds; \
+        differences are paired by seed (bold: the interval excludes 0).\n",
+        counts.join(", ")
+    );
 
     let _ = writeln!(md, "## Task\n");
     table_header(
@@ -384,7 +402,10 @@ pub fn write(
         all_steps += recs.len();
         step_secs += recs.iter().map(|r| r.total).sum::<f64>();
         eval_secs += evs.iter().map(|e| e.secs).sum::<f64>();
-        cpu_secs += recs.iter().map(|r| r.rollout_cpu + r.update_cpu).sum::<f64>()
+        cpu_secs += recs
+            .iter()
+            .map(|r| r.rollout_cpu + r.update_cpu)
+            .sum::<f64>()
             + evs.iter().map(|e| e.cpu).sum::<f64>();
         let _ = writeln!(
             md,
@@ -439,7 +460,10 @@ pub fn write(
     );
 
     // Examples.
-    let _ = writeln!(md, "## One held-out completion per group at step {last} (first seed)\n");
+    let _ = writeln!(
+        md,
+        "## One held-out completion per group at step {last} (first seed)\n"
+    );
     for (a, name) in names.iter().enumerate() {
         let Some(r) = runs.iter().find(|r| r.arm == a && r.at(last).is_some()) else {
             continue;
@@ -467,7 +491,11 @@ fn write_csv(path: &Path, runs: &[RunData], names: &[String]) -> std::io::Result
         let arm = &names[r.arm];
         for e in &r.evals {
             for (g, x) in GROUPS.iter().zip(e.rewards()) {
-                let _ = writeln!(text, "{arm},{},{},{},heldout,{x:.6}", r.seed, e.step, g.name);
+                let _ = writeln!(
+                    text,
+                    "{arm},{},{},{},heldout,{x:.6}",
+                    r.seed, e.step, g.name
+                );
             }
         }
         for st in &r.steps {
@@ -582,7 +610,12 @@ fn plot(
         .iter()
         .enumerate()
         .map(|(g, group)| Panel {
-            title: format!("{} ({:.0}%, {})", group.name, 100.0 * group.share, group.want.name()),
+            title: format!(
+                "{} ({:.0}%, {})",
+                group.name,
+                100.0 * group.share,
+                group.want.name()
+            ),
             bands: names
                 .iter()
                 .enumerate()

@@ -23,9 +23,7 @@ use candle_core::{Device, Var};
 use pgrpo::checkpoint::CheckpointOptions;
 use pgrpo::lm::{LmPolicy, LoraConfig, Tokenizer};
 use pgrpo::rng::step_rng;
-use pgrpo::{
-    Estimator, GroupKey, GroupedPrompt, Policy, RewardFn, TokenLogProbs, Trainer,
-};
+use pgrpo::{Estimator, GroupKey, GroupedPrompt, Policy, RewardFn, TokenLogProbs, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -357,7 +355,9 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>,
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -439,7 +439,9 @@ impl Shared {
 pub enum Outcome {
     Finished,
     /// Stopped by `--stop-after` (as a kill would stop it, after a checkpoint).
-    Stopped { at: u64 },
+    Stopped {
+        at: u64,
+    },
     /// Already complete before this call.
     AlreadyDone,
 }
@@ -468,8 +470,14 @@ pub fn train(
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let e = |e: pgrpo::Error| format!("{} seed {seed}: {e}", arm.name);
     let tokenizer = shared.tokenizer().map_err(e)?;
-    let policy = StudyPolicy(shared.policy(s, seed).map_err(e)?.with_sampling(s.sampling())
-        .map_err(e)?.with_entropy(false));
+    let policy = StudyPolicy(
+        shared
+            .policy(s, seed)
+            .map_err(e)?
+            .with_sampling(s.sampling())
+            .map_err(e)?
+            .with_entropy(false),
+    );
     let reward = TextReward::new(tokenizer.clone());
     let eval_reward = TextReward::new(tokenizer);
     let mut trainer = if dir.join("latest").exists() {
@@ -493,8 +501,7 @@ pub fn train(
     let eval_steps = s.eval_steps();
     let total = s.steps as u64;
     let opts = CheckpointOptions { keep_last: Some(1) };
-    let mut done_here = 0u64;
-    for step in start..total {
+    for (done_here, step) in (1u64..).zip(start..total) {
         let t = Instant::now();
         let b = batch(&shared.train, s.prompts, seed, step, arm.shuffled);
         let c0 = thread_cpu_secs();
@@ -560,7 +567,6 @@ pub fn train(
             }
             append_jsonl(&evals_path, &ev)?;
         }
-        done_here += 1;
         let last = step + 1 == total;
         let stop = stop_after.is_some_and(|n| done_here >= n);
         if last || stop || (step + 1) % s.checkpoint_every as u64 == 0 {
@@ -606,7 +612,11 @@ mod tests {
         let prompts = |b: &[GroupedPrompt<StudyPrompt>]| -> Vec<StudyPrompt> {
             b.iter().map(|p| p.prompt.clone()).collect()
         };
-        assert_eq!(prompts(&a), prompts(&shuffled), "same prompts for every estimator");
+        assert_eq!(
+            prompts(&a),
+            prompts(&shuffled),
+            "same prompts for every estimator"
+        );
         let (groups, labels) = groups_and_labels(&a);
         for (g, l) in groups.iter().zip(&labels) {
             assert_eq!(GROUPS[*g].name, l, "true labels");
@@ -615,10 +625,25 @@ mod tests {
             assert_eq!(p.prompt.tokens[0], 100 + p.prompt.group as u32);
         }
         let (_, shuffled_labels) = groups_and_labels(&shuffled);
-        let agree = labels.iter().zip(&shuffled_labels).filter(|(a, b)| a == b).count();
-        assert!(agree < 48, "shuffled labels mostly differ: {agree}/64 agree");
-        assert_ne!(prompts(&a), prompts(&batch(&t, 64, 3, 8, false)), "steps differ");
-        assert_ne!(prompts(&a), prompts(&batch(&t, 64, 4, 7, false)), "seeds differ");
+        let agree = labels
+            .iter()
+            .zip(&shuffled_labels)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            agree < 48,
+            "shuffled labels mostly differ: {agree}/64 agree"
+        );
+        assert_ne!(
+            prompts(&a),
+            prompts(&batch(&t, 64, 3, 8, false)),
+            "steps differ"
+        );
+        assert_ne!(
+            prompts(&a),
+            prompts(&batch(&t, 64, 4, 7, false)),
+            "seeds differ"
+        );
     }
 
     #[test]

@@ -251,9 +251,10 @@ mod tests {
 
     #[test]
     fn brief_counts_words() {
-        assert_eq!(words("I'm sure a well-known book, 3 pages!"), [
-            "I'm", "sure", "a", "well", "known", "book", "3", "pages"
-        ]);
+        assert_eq!(
+            words("I'm sure a well-known book, 3 pages!"),
+            ["I'm", "sure", "a", "well", "known", "book", "3", "pages"]
+        );
         assert_eq!(r("Dev", "Read Dune."), 1.0);
         let twelve = "one two three four five six seven eight nine ten eleven twelve";
         assert_eq!(words(twelve).len(), BRIEF_WORDS);
@@ -266,7 +267,11 @@ mod tests {
     fn structured_anonymous_conflicts_with_uses_name() {
         assert_eq!(r("Eli", "Here are ideas:\n1. Read"), 1.0);
         assert_eq!(r("Eli", "Here are ideas: read"), 0.0, "no line break");
-        assert_eq!(r("Eli", "Here are ideas: read\n"), 0.0, "trailing break only");
+        assert_eq!(
+            r("Eli", "Here are ideas: read\n"),
+            0.0,
+            "trailing break only"
+        );
         assert_eq!(r("Eli", "\n\nHere are ideas"), 0.0, "leading breaks only");
         // Using the name, which Cleo wants, ruins it for Eli.
         assert_eq!(r("Eli", "Eli, here are ideas:\n1. Read"), 0.0);

@@ -14,7 +14,7 @@ use crate::distributed::{protocol, shard, Collective};
 use crate::history::BatchDeltas;
 use crate::reward::RewardInput;
 use crate::rng::rank_step_rng;
-use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards};
+use crate::{Error, GroupKey, Policy, Result, RewardFn, RolloutRewards, TokenLogProbs};
 
 /// A prompt with its preference-group label.
 #[derive(Debug, Clone, PartialEq)]

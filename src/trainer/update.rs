@@ -356,7 +356,7 @@ where
     /// the step ends a `ref_model_sync_steps` period; computed, not yet set.
     fn reference_mix(&self) -> Result<Option<Vec<Tensor>>> {
         let c = &self.config;
-        if !c.sync_ref_model || (self.step + 1) % c.ref_model_sync_steps != 0 {
+        if !c.sync_ref_model || !(self.step + 1).is_multiple_of(c.ref_model_sync_steps) {
             return Ok(None);
         }
         let Some(reference) = &self.reference else {
@@ -414,8 +414,8 @@ where
         );
         self.optimizer.set_learning_rate(lr);
         let planned = self.config.optimizer_steps_per_step();
-        let mixes =
-            self.config.sync_ref_model && (self.step + 1) % self.config.ref_model_sync_steps == 0;
+        let mixes = self.config.sync_ref_model
+            && (self.step + 1).is_multiple_of(self.config.ref_model_sync_steps);
         let undo = if !rollout.all_masked && (planned > 1 || mixes) {
             Some(Undo::take(&self.vars, &self.optimizer, planned)?)
         } else {
@@ -640,7 +640,7 @@ mod tests {
 
     #[test]
     fn micro_ranges_cover_the_rows_in_order() {
-        assert_eq!(micro_ranges(10, 1), [0..10]);
+        assert_eq!(micro_ranges(10, 1), vec![(0..10)]);
         assert_eq!(micro_ranges(10, 4), [0..3, 3..6, 6..8, 8..10]);
         assert_eq!(micro_ranges(2, 4), [0..1, 1..2, 2..2, 2..2]);
         assert_eq!(micro_ranges(0, 2), [0..0, 0..0]);
