@@ -107,6 +107,16 @@ impl Policy for SeqPolicy {
         vec![self.logits.clone()]
     }
 
+    /// The generation budget: `MAX_LEN` tokens.
+    fn max_completion_len(&self) -> Option<usize> {
+        Some(MAX_LEN)
+    }
+
+    /// A completion of `MAX_LEN` tokens was cut by the budget.
+    fn is_truncated(&self, completion: &Vec<u32>) -> bool {
+        completion.len() == MAX_LEN
+    }
+
     fn snapshot(&self) -> Result<Self> {
         Ok(Self {
             logits: Var::from_tensor(&self.logits.as_tensor().copy()?)?,
@@ -727,4 +737,102 @@ fn a_warmup_as_long_as_the_run_is_refused() {
     }
     .validate()
     .unwrap();
+}
+
+/// Masked zero-spread prompts leave the rows `B` as well as the tokens `N`, under every
+/// aggregation: the gradient with prompt 4 (zero spread, the batch's last) masked out equals
+/// the gradient of the batch without it. Before, `grpo` and `dr_grpo` still divided by its
+/// rows.
+#[test]
+fn masked_prompts_leave_every_denominator() {
+    let full = seq_batch();
+    let without: Vec<_> = full[..4].to_vec();
+    for aggregation in LossAggregation::ALL {
+        let mut c = seq_config(aggregation, None, 0.0);
+        c.mask_zero_std_prompts = true;
+        let mut masked = Trainer::new(SeqPolicy::new(5, 4), seq_reward, c).unwrap();
+        let r = masked.rollout(&full).unwrap();
+        let g_masked = flat(&masked.gradients(&r).unwrap());
+        let c = seq_config(aggregation, None, 0.0);
+        let mut fewer = Trainer::new(SeqPolicy::new(5, 4), seq_reward, c).unwrap();
+        let r_fewer = fewer.rollout(&without).unwrap();
+        assert_eq!(r.completions[..16], r_fewer.completions[..], "same samples");
+        let g_fewer = flat(&fewer.gradients(&r_fewer).unwrap());
+        assert_grads_close(&g_fewer, &g_masked, &format!("{aggregation:?}"));
+    }
+}
+
+/// Dr. GRPO's constant is the policy's generation budget when the config sets none (TRL's
+/// `max_completion_length`), not the batch's widest completion.
+#[test]
+fn dr_grpo_takes_the_policys_budget() {
+    let batch = seq_batch();
+    let grads = |max_len: Option<usize>| {
+        let c = seq_config(LossAggregation::DrGrpo, max_len, 0.0);
+        let mut t = Trainer::new(SeqPolicy::new(5, 5), seq_reward, c).unwrap();
+        assert_eq!(
+            t.config().objective.max_completion_len,
+            Some(max_len.unwrap_or(MAX_LEN))
+        );
+        let r = t.rollout(&batch).unwrap();
+        flat(&t.gradients(&r).unwrap())
+    };
+    let (unset, budget, other) = (grads(None), grads(Some(MAX_LEN)), grads(Some(3 * MAX_LEN)));
+    assert_grads_close(&budget, &unset, "unset = the policy's budget");
+    let scaled: Vec<f32> = other.iter().map(|g| g * 3.0).collect();
+    assert_grads_close(&budget, &scaled, "a set constant is kept");
+}
+
+/// `mask_truncated_completions`: completions cut by the budget (here: `MAX_LEN` tokens) leave
+/// the loss, so no gradient reaches the last position, which only they reach.
+#[test]
+fn truncated_completions_leave_the_loss() {
+    let batch = seq_batch();
+    let last_position_grad = |mask: bool| {
+        let mut c = seq_config(LossAggregation::Bnpo, None, 0.0);
+        c.mask_truncated_completions = mask;
+        let mut t = Trainer::new(SeqPolicy::new(5, 6), seq_reward, c).unwrap();
+        let r = t.rollout(&batch).unwrap();
+        assert!(
+            r.completions.iter().any(|c| c.len() == MAX_LEN),
+            "the batch needs truncated completions"
+        );
+        let g = t.gradients(&r).unwrap().remove(0); // (prompts, MAX_LEN, VOCAB)
+        let last = g.narrow(1, MAX_LEN - 1, 1).unwrap();
+        let all = flat(&[g]).iter().fold(0f32, |m, x| m.max(x.abs()));
+        let last = flat(&[last]).iter().fold(0f32, |m, x| m.max(x.abs()));
+        (last, all)
+    };
+    let (last, all) = last_position_grad(false);
+    assert!(last > 0.0 && all > 0.0);
+    let (last, all) = last_position_grad(true);
+    assert_eq!(last, 0.0);
+    assert!(all > 0.0, "the other rows still learn");
+}
+
+/// The entropy bonus needs an entropy that carries the gradient; a policy whose entropy is
+/// detached is refused with the field named (the high-entropy mask only needs its values).
+#[test]
+fn an_entropy_bonus_needs_a_differentiable_entropy() {
+    let batch = seq_batch();
+    let mut c = seq_config(LossAggregation::Grpo, None, 0.0);
+    c.objective.entropy_coef = 0.01;
+    let mut t = Trainer::new(SeqPolicy::new(5, 7), seq_reward, c).unwrap();
+    let err = t.step(&batch).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidConfig {
+                field: "objective.entropy_coef",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(t.steps_done(), 0, "nothing happened");
+    let mut c = seq_config(LossAggregation::Grpo, None, 0.0);
+    c.objective.top_entropy_quantile = 0.5;
+    let mut t = Trainer::new(SeqPolicy::new(5, 7), seq_reward, c).unwrap();
+    let m = t.step(&batch).unwrap();
+    assert_eq!(m.get("skipped_update"), Some(0.0));
 }

@@ -154,7 +154,21 @@ where
         let advantages = Tensor::from_slice(advantages, advantages.len(), &dev)?;
         let entropy = match (self.config.objective.needs_entropy(), &lp.entropy) {
             (false, _) => None,
-            (true, Some(e)) => Some(e),
+            (true, Some(e)) => {
+                // The bonus needs the entropy's gradient; a detached entropy (LmPolicy's)
+                // would leave it out of the update without a word.
+                if self.config.objective.entropy_coef != 0.0 && lp.logp.track_op() && !e.track_op()
+                {
+                    return Err(Error::InvalidConfig {
+                        field: "objective.entropy_coef",
+                        reason: "the entropy bonus needs a per-token entropy that carries the \
+                                 policy's gradient, and this policy's log_probs returns a \
+                                 detached one (top_entropy_quantile works with it)"
+                            .into(),
+                    });
+                }
+                Some(e)
+            }
             (true, None) => {
                 return Err(Error::InvalidConfig {
                     field: "objective",
