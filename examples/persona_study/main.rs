@@ -127,7 +127,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     first_seed: u64,
     /// Training steps per run.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 40)]
     steps: usize,
     /// Prompts per step (groups drawn by share).
     #[arg(long, default_value_t = 4)]
@@ -145,7 +145,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 5e-4)]
     lr: f64,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
@@ -170,7 +170,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     evals: usize,
     /// Completions per held-out prompt (four held-out requests per group).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     eval_samples: usize,
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 10)]
