@@ -216,8 +216,11 @@ fn main() -> pgrpo::Result<()> {
     for setting in settings.split(',') {
         let (p, g) = setting.split_once('x').expect("settings look like 2x4,8x8");
         let (p, g): (usize, usize) = (p.parse().expect("prompts"), g.parse().expect("G"));
-        let mut sides: Vec<(&str, Vec<Run>)> =
-            vec![("pgrpo", vec![]), ("TRL", vec![]), ("TRL, no grad. ckpt", vec![])];
+        let mut sides: Vec<(&str, Vec<Run>)> = vec![
+            ("pgrpo", vec![]),
+            ("TRL", vec![]),
+            ("TRL, no grad. ckpt", vec![]),
+        ];
         for _ in 0..rounds {
             for (name, runs) in sides.iter_mut() {
                 let mut cmd = if *name == "pgrpo" {

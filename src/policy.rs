@@ -166,6 +166,20 @@ pub trait Policy {
         None
     }
 
+    /// What the trainable [`vars`](Self::vars) are relative to, when they are not the whole
+    /// model: trainer checkpoints record it (`policy.json`) and
+    /// [`Trainer::resume`](crate::Trainer::resume) refuses a policy whose identity differs
+    /// (typed [`Error::Checkpoint`](crate::Error::Checkpoint) naming the file), so that
+    /// adapters are never resumed onto another base model. A LoRA
+    /// `LmPolicy` returns its base weights' fingerprint. The default,
+    /// `None`, records nothing (checkpoints that hold every weight need no identity).
+    ///
+    /// # Errors
+    /// Whatever computing the identity fails with.
+    fn checkpoint_identity(&self) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+
     /// The trainable variables, in a fixed order.
     fn vars(&self) -> Vec<Var>;
 

@@ -715,3 +715,31 @@ fn config_validation_and_defaults() {
         }
     }
 }
+
+/// A LoRA trainer's checkpoint records its base model's fingerprint (`policy.json`):
+/// resuming the adapters onto another base is a typed error naming that file; onto the same
+/// base (loaded again) it resumes.
+#[test]
+fn a_lora_checkpoint_refuses_another_base() {
+    let dir = temp_dir("identity");
+    let mut t = Trainer::new(
+        lora_policy(31, all_targets(4, 0.0)),
+        spread,
+        trainer_config(0.0),
+    )
+    .unwrap();
+    t.step(&prompts()).unwrap();
+    let path = t.save(&dir).unwrap();
+    let identity = std::fs::read_to_string(path.join("policy.json")).unwrap();
+    assert!(identity.contains("lora_base_sha256"), "{identity}");
+    let err = Trainer::resume(&path, lora_policy(32, all_targets(4, 0.0)), spread)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, Error::Checkpoint { path, .. } if path.ends_with("policy.json")),
+        "{err}"
+    );
+    let again = Trainer::resume(&path, lora_policy(31, all_targets(4, 0.0)), spread).unwrap();
+    assert_eq!(again.steps_done(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

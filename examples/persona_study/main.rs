@@ -646,7 +646,7 @@ mod tests {
         let mut other = s.clone();
         other.lr = 1e-3;
         let err = check_study_file(dir.path(), &other).unwrap_err();
-        assert!(err.contains("lr: 0.0002 there, 0.001 now"), "{err}");
+        assert!(err.contains("lr: 0.0005 there, 0.001 now"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | `optimizer.safetensors`, `optimizer.json` | the optimizer's state tensors, and its kind, step count, tensor order and metadata ([`OptimizerState`](crate::optim::OptimizerState)) |
 //! | `history.json` | the reward history ([`RewardHistory::to_json`], versioned) |
 //! | `reward_state.json` | the reward function's state, when it has one ([`RewardFn::state`](crate::RewardFn::state)) |
+//! | `policy.json` | what the policy's vars are relative to, when they are not the whole model ([`Policy::checkpoint_identity`](crate::Policy::checkpoint_identity): a LoRA policy's base-model fingerprint), checked on resume |
 //!
 //! The sampling generator needs no file: step `s` samples with
 //! [`step_rng(seed, s)`](crate::rng::step_rng), and the seed is in the config.
@@ -105,11 +106,13 @@ pub mod files {
     pub const HISTORY: &str = "history.json";
     /// The reward function's state.
     pub const REWARD_STATE: &str = "reward_state.json";
+    /// What the policy's vars are relative to ([`Policy::checkpoint_identity`](crate::Policy::checkpoint_identity)).
+    pub const POLICY: &str = "policy.json";
     /// In a run directory: the name of the newest complete checkpoint.
     pub const LATEST: &str = "latest";
 
     /// Every file a checkpoint directory may hold besides the manifest.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         CONFIG,
         MODEL,
         REFERENCE,
@@ -117,6 +120,7 @@ pub mod files {
         OPTIMIZER_META,
         HISTORY,
         REWARD_STATE,
+        POLICY,
     ];
 }
 
@@ -149,6 +153,9 @@ pub struct Checkpoint {
     pub optimizer: Option<OptimizerSnapshot>,
     /// The reward function's state, if it had one.
     pub reward_state: Option<serde_json::Value>,
+    /// What the policy's vars are relative to, if the policy said
+    /// ([`Policy::checkpoint_identity`](crate::Policy::checkpoint_identity)).
+    pub policy: Option<serde_json::Value>,
     fresh_optimizer: bool,
 }
 
@@ -161,6 +168,7 @@ pub(crate) struct Parts<'a> {
     pub reference: Option<Vec<Var>>,
     pub optimizer: Option<OptimizerSnapshot>,
     pub reward_state: Option<serde_json::Value>,
+    pub policy: Option<serde_json::Value>,
 }
 
 fn problem(path: impl Into<PathBuf>, problem: CheckpointProblem) -> Error {
@@ -225,6 +233,9 @@ pub(crate) fn write(root: &Path, parts: Parts<'_>, opts: &CheckpointOptions) -> 
     }
     if let Some(state) = &parts.reward_state {
         contents.push((files::REWARD_STATE, to_json(state)?));
+    }
+    if let Some(identity) = &parts.policy {
+        contents.push((files::POLICY, to_json(identity)?));
     }
     let manifest = Manifest::describe(parts.step, parts.optimizer.is_some(), &contents);
     atomic::commit(
@@ -417,15 +428,16 @@ impl Checkpoint {
                 )),
             ));
         }
-        let reward_state = match ck.get(files::REWARD_STATE) {
-            Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| {
-                problem(
-                    ck.path(files::REWARD_STATE),
-                    CheckpointProblem::Malformed(e.to_string()),
-                )
-            })?),
-            None => None,
+        let json = |name: &'static str| -> Result<Option<serde_json::Value>> {
+            match ck.get(name) {
+                Some(bytes) => Ok(Some(serde_json::from_slice(bytes).map_err(|e| {
+                    problem(ck.path(name), CheckpointProblem::Malformed(e.to_string()))
+                })?)),
+                None => Ok(None),
+            }
         };
+        let reward_state = json(files::REWARD_STATE)?;
+        let policy = json(files::POLICY)?;
         Ok(Self {
             dir,
             step: manifest.step,
@@ -435,6 +447,7 @@ impl Checkpoint {
             reference,
             optimizer,
             reward_state,
+            policy,
             fresh_optimizer: false,
         })
     }
@@ -633,6 +646,7 @@ mod tests {
             reference: None,
             optimizer: None,
             reward_state: None,
+            policy: None,
         };
         let err = write(&root, parts, &CheckpointOptions::default()).unwrap_err();
         let Error::Checkpoint { path, problem } = &err else {

@@ -221,6 +221,9 @@ pub struct LmPolicy {
     sampling: SamplingConfig,
     entropy: bool,
     sampler_log_probs: bool,
+    /// [`Llama::base_sha256`], computed on first use (the base weights of a LoRA policy are
+    /// frozen, and adapters do not enter it).
+    base_sha256: std::sync::OnceLock<String>,
 }
 
 impl LmPolicy {
@@ -235,6 +238,7 @@ impl LmPolicy {
             sampling: SamplingConfig::default(),
             entropy: true,
             sampler_log_probs: true,
+            base_sha256: std::sync::OnceLock::new(),
         }
     }
 
@@ -530,6 +534,24 @@ impl Policy for LmPolicy {
             sampling: self.sampling.clone(),
             entropy: self.entropy,
             sampler_log_probs: self.sampler_log_probs,
+            base_sha256: self.base_sha256.clone(),
         })
+    }
+
+    /// A LoRA policy's adapters are relative to its base weights: `{"lora_base_sha256": …}`
+    /// ([`Llama::base_sha256`], computed once). `None` for a fully trained model, whose
+    /// checkpoint holds every weight.
+    fn checkpoint_identity(&self) -> Result<Option<serde_json::Value>> {
+        if !self.model.has_adapters() {
+            return Ok(None);
+        }
+        let sha = match self.base_sha256.get() {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.model.base_sha256()?;
+                self.base_sha256.get_or_init(|| s).clone()
+            }
+        };
+        Ok(Some(serde_json::json!({ "lora_base_sha256": sha })))
     }
 }

@@ -140,6 +140,7 @@ where
                 reference: self.reference.as_ref().map(|r| r.vars()),
                 optimizer: self.optimizer.export_state()?,
                 reward_state,
+                policy: self.policy.checkpoint_identity()?,
             },
             opts,
         )
@@ -191,6 +192,21 @@ where
         mut optimizer: O,
     ) -> Result<Self> {
         ckpt.config.validate()?;
+        if let Some(saved) = &ckpt.policy {
+            let found = policy.checkpoint_identity()?;
+            if found.as_ref() != Some(saved) {
+                return Err(Error::Checkpoint {
+                    path: ckpt.file(files::POLICY),
+                    problem: CheckpointProblem::Mismatch(format!(
+                        "the checkpoint's weights are relative to {saved}, the policy given is {}",
+                        found.map_or_else(
+                            || "not (it reports no identity)".to_owned(),
+                            |v| v.to_string()
+                        )
+                    )),
+                });
+            }
+        }
         if ckpt.optimizer.is_none() && !ckpt.fresh_optimizer_allowed() {
             return Err(Error::Checkpoint {
                 path: ckpt.file(files::MANIFEST),
