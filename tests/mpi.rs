@@ -677,7 +677,10 @@ fn merged_history_matches(c: &Mpi, kind: HistoryKind) {
             ids.push(id as u32);
         }
         let local = &rewards[rows.clone()];
-        let prompt_ids: Vec<u32> = (0..local.len() as u32).map(|i| i / 2).collect();
+        // Prompts of two rows; an odd shard's last row joins the prompt before it (every
+        // prompt needs two completions for a spread).
+        let last = (local.len() as u32 / 2).max(1) - 1;
+        let prompt_ids: Vec<u32> = (0..local.len() as u32).map(|i| (i / 2).min(last)).collect();
         let adv = AdvantageConfig {
             estimator: Estimator::DrGrpo,
             ..Default::default()

@@ -3,6 +3,8 @@
 
 Usage (normally run by the bench binary, one process per measurement):
     python3 benches/pytorch/mirror.py step DIR        # forward + backward + clip + AdamW
+    python3 benches/pytorch/mirror.py step DIR best   # the same with scaled_dot_product_attention
+                                                      # and AdamW(fused=True): the fastest eager form
     python3 benches/pytorch/mirror.py optimizer DIR   # AdamW alone on the model's parameters
     python3 benches/pytorch/mirror.py logprobs DIR    # log-softmax + gather, forward + backward
     python3 benches/pytorch/mirror.py sample DIR      # greedy KV-cache decoding
@@ -120,7 +122,7 @@ class Llama(torch.nn.Module):
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, sdpa=False):
         b, t = ids.shape
         start = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]
         cos, sin = self.rope_tables(start, t)
@@ -137,13 +139,18 @@ class Llama(torch.nn.Module):
                     k = torch.cat([cache[li][0], k], 2)
                     v = torch.cat([cache[li][1], v], 2)
                 cache[li] = (k, v)
-            k = k.repeat_interleave(rep, 1)
-            v = v.repeat_interleave(rep, 1)
-            tk = k.shape[2]
-            s = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
-            causal = torch.ones(t, tk, dtype=torch.bool).tril(tk - t)
-            s = s.masked_fill(~causal, float("-inf"))
-            a = torch.softmax(s, -1) @ v
+            if sdpa and cache is None:
+                # PyTorch's fused attention (flash / memory-efficient CPU kernels), with GQA.
+                a = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=rep > 1)
+            else:
+                k = k.repeat_interleave(rep, 1)
+                v = v.repeat_interleave(rep, 1)
+                tk = k.shape[2]
+                s = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
+                causal = torch.ones(t, tk, dtype=torch.bool).tril(tk - t)
+                s = s.masked_fill(~causal, float("-inf"))
+                a = torch.softmax(s, -1) @ v
             a = a.transpose(1, 2).reshape(b, t, self.nh * self.hd)
             x = x + a @ m.o.t()
             h = self.rms(x, m.ln2)
@@ -164,12 +171,14 @@ def step(d, cfg):
     batch = load_safetensors(f"{d}/batch.safetensors")
     ids, targets = batch["ids"], batch["targets"]
     params = model.named()
+    # "best": PyTorch's fastest eager CPU form (fused attention and fused AdamW).
+    best = cfg.get("best", False)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=cfg["weight_decay"])
+                            weight_decay=cfg["weight_decay"], **({"fused": True} if best else {}))
     times, losses, norms, var_norms, phases = [], [], [], [], []
     for _ in range(cfg["steps"]):
         t0 = time.perf_counter()
-        logits = model(ids)
+        logits = model(ids, sdpa=best)
         logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         loss = -logp.mean()
         t_fwd = time.perf_counter()
@@ -289,6 +298,7 @@ def main():
     what, d = sys.argv[1], sys.argv[2]
     with open(f"{d}/config.json") as f:
         cfg = json.load(f)
+    cfg["best"] = len(sys.argv) > 3 and sys.argv[3] == "best"
     torch.set_num_threads(cfg.get("threads", 2))
     torch.manual_seed(0)
     res = {"step": step, "optimizer": optimizer, "logprobs": logprobs, "sample": sample,
