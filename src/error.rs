@@ -253,8 +253,8 @@ pub enum Error {
     },
 
     /// A LoRA adapter was saved for other base weights than those of the model it is
-    /// loaded onto (see [`Llama::with_adapter`](crate::lm::Llama::with_adapter)); both
-    /// fingerprints are [`Llama::base_sha256`](crate::lm::Llama::base_sha256) values.
+    /// loaded onto (see `lm::Llama::with_adapter`); both
+    /// fingerprints are `lm::Llama::base_sha256` values.
     ///
     /// ```text
     /// runs/a/adapter/adapter_model.safetensors: this adapter was trained on base weights with sha256 9f86d0…, the model's base weights hash to 2c26b4…; load the base it was trained on

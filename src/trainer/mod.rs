@@ -61,7 +61,7 @@ pub use crate::rng::{rank_step_rng, step_rng};
 /// Trains a [`Policy`] with GRPO-family objectives and P-GRPO advantages.
 ///
 /// `O` is any [`candle_nn::Optimizer`] that implements
-/// [`OptimizerState`](crate::optim::OptimizerState) (an empty `impl` will do for steps of one
+/// [`OptimizerState`] (an empty `impl` will do for steps of one
 /// optimizer update; steps of several need the state exported, to be undone on error);
 /// [`Trainer::new`] builds [`pgrpo::optim::AdamW`](AdamW) from the config.
 ///
@@ -191,7 +191,7 @@ where
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] from [`TrainerConfig::validate`], or naming `sync_ref_model`
-    /// when the reference has no weights of its own to mix (see [`check_reference_sync`]).
+    /// when the reference has no weights of its own to mix (`sync_ref_model` with a LoRA policy).
     pub fn with_optimizer(
         policy: P,
         reward: R,
