@@ -96,7 +96,8 @@ pub struct Rollout<'a, P: Policy> {
     pub(super) all_masked: bool,
     /// This rank's rows cut into micro-batches, with their old and reference log-probs.
     pub(super) micro: Vec<MicroBatch>,
-    pub(super) zero_std_rows: Vec<bool>,
+    /// This rank's rows that leave the loss: masked prompts and truncated completions.
+    pub(super) dropped_rows: Vec<bool>,
     pub(super) timings: Vec<(&'static str, f64)>,
 }
 
@@ -240,7 +241,7 @@ where
             global_rows: n,
             all_masked,
             micro,
-            zero_std_rows: dropped,
+            dropped_rows: dropped,
             timings: vec![
                 ("sample", t_sample),
                 ("reward", t_reward),

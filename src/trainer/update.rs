@@ -25,7 +25,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use candle_core::{backprop::GradStore, DType, Tensor};
+use candle_core::{backprop::GradStore, Tensor};
 use candle_nn::Optimizer;
 
 use super::undo::Undo;
@@ -139,17 +139,12 @@ where
             Some(o) => fit_width(o, lp.logp.dims().get(1).copied().unwrap_or(0))?,
             None => lp.logp.detach(),
         };
-        // Masked prompts (`mask_zero_std_prompts`) leave the batch: their tokens leave `N`
-        // (the mask) and their rows leave `B` (the row mask), under every aggregation.
-        let mut mask = lp.mask.to_dtype(DType::F32)?;
-        let zero_std = &rollout.zero_std_rows[rows.clone()];
-        let keep: Vec<bool> = zero_std.iter().map(|&z| !z).collect();
-        let row_mask = zero_std.iter().any(|&z| z).then_some(keep.as_slice());
-        if let Some(keep) = row_mask {
-            let keep: Vec<f32> = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
-            let keep = Tensor::from_vec(keep, (zero_std.len(), 1), &dev)?;
-            mask = mask.broadcast_mul(&keep)?;
-        }
+        // Dropped rows (masked prompts, truncated completions) leave the batch through the
+        // objective's row mask: their tokens leave `N` and their rows `B`, under every
+        // aggregation.
+        let dropped = &rollout.dropped_rows[rows.clone()];
+        let keep: Vec<bool> = dropped.iter().map(|&d| !d).collect();
+        let row_mask = dropped.iter().any(|&d| d).then_some(keep.as_slice());
         let advantages = &rollout.advantages[rows];
         let advantages = Tensor::from_slice(advantages, advantages.len(), &dev)?;
         let entropy = match (self.config.objective.needs_entropy(), &lp.entropy) {
@@ -184,7 +179,7 @@ where
                 logp: &lp.logp,
                 old_logp: &old_logp,
                 ref_logp: reference,
-                mask: &mask,
+                mask: &lp.mask,
                 advantages: &advantages,
                 entropy,
                 row_mask,
@@ -243,7 +238,7 @@ where
             Err(e) => return Err(e),
         };
         // Rows masked out of the loss leave `B` on every rank's part too.
-        let kept = rows.len() - rollout.zero_std_rows[rows].iter().filter(|&&z| z).count();
+        let kept = rows.len() - rollout.dropped_rows[rows].iter().filter(|&&d| d).count();
         let part = protocol::loss_part(kept, out.as_ref(), &lp)?;
         Ok((out, part))
     }
@@ -611,7 +606,7 @@ fn stitch<'t>(
                             got: t.dims().to_vec(),
                         });
                     }
-                    Ok(t.pad_with_zeros(1, 0, width - w)?)
+                    fit_width(t, width)
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok(Some(Tensor::cat(&padded, 0)?))
