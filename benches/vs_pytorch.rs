@@ -40,6 +40,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{load_avg, peak_rss_mb};
+
 const BATCH: usize = 32;
 const SEQ: usize = 48;
 const LR: f64 = 1e-3;
@@ -91,25 +95,6 @@ fn rounds() -> usize {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2)
         .max(1)
-}
-
-/// Peak resident memory of this process in MiB (`VmHWM`).
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn load_avg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// The deterministic "gradient" both sides use for the optimizer bench: small integers

@@ -35,6 +35,10 @@ use pgrpo::lm::{LmPolicy, SamplingConfig, TextReward};
 use pgrpo::{Estimator, GroupKey, GroupedPrompt, Trainer, TrainerConfig};
 use serde_json::{json, Value};
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{load_avg, peak_rss_mb};
+
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const QUESTIONS: [&str; 8] = [
     "Describe your ideal weekend.",
@@ -52,16 +56,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// pgrpo's side: `steps` GRPO steps, one JSON object on stdout.
@@ -104,10 +98,7 @@ fn child(model: &Path, prompts: usize, g: usize, steps: usize) -> pgrpo::Result<
             "mean_length": m.get("completions/mean_length"),
         }));
     }
-    println!(
-        "{}",
-        json!({ "steps": out, "peak_rss_mib": peak_rss_mib() })
-    );
+    println!("{}", json!({ "steps": out, "peak_rss_mib": peak_rss_mb() }));
     Ok(())
 }
 
@@ -173,13 +164,6 @@ fn run(mut cmd: Command, what: &str) -> Option<Run> {
             None
         }
     }
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 fn main() -> pgrpo::Result<()> {
@@ -267,7 +251,7 @@ fn main() -> pgrpo::Result<()> {
                 m(|r| r.update),
                 m(|r| r.rss),
                 if *name == "pgrpo" { "–".to_owned() } else { format!("**{:.2}×**", ours / total) },
-                load()
+                load_avg()
             );
         }
     }
