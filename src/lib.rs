@@ -127,6 +127,7 @@ pub mod ops;
 pub mod tasks;
 pub mod trl;
 
+mod dispatch;
 mod error;
 mod group;
 mod names;

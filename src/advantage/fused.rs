@@ -10,7 +10,15 @@
 //! statistics and its prompt's reward range. It also needs finite rewards, valid group ids,
 //! each prompt's rows one run with prompt ids increasing from run to run (the layout the
 //! trainer produces), and at least as many rows as groups; otherwise it declines and the
-//! general path decides (and reports any error). The test at the bottom checks it against the general path bit for bit.
+//! general path decides (and reports any error). The test at the bottom checks it against
+//! the general path bit for bit.
+//!
+//! The pass goes by blocks of 8 rows. A block of one prompt and one group (a prompt's `G`
+//! completions when `G` is a multiple of 8) is checked with three vector compares and its
+//! advantages and reward range computed without a branch per row, in the widest vector
+//! registers the CPU has ([`multiversion!`](crate::dispatch::multiversion)); its group sums
+//! stay sequential, row after row, so they keep the general path's bits. Per-chunk group sums
+//! are merged with the same arithmetic as [`GroupDelta::append`], on plain numbers.
 
 use super::diagnostics::{AdvantageDiagnostics, GroupDiagnostics};
 use super::estimators::{finite_f32, p_grpo_scale};
@@ -74,13 +82,13 @@ impl AdvantageConfig {
                 )
             })
             .collect();
-        let mut deltas = vec![GroupDelta::default(); k];
+        let mut sums = vec![FusedGroup::default(); k];
         let (mut num_prompts, mut zero) = (0usize, 0usize);
         let mut open: Option<PromptRun> = None;
         for ch in chunks {
             let ch = ch?;
-            for (g, a) in ch.groups.into_iter().enumerate() {
-                deltas[g].append(GroupDelta::cumulative(a.count, a.shift, a.s1, a.s2), 1.0);
+            for (s, a) in sums.iter_mut().zip(&ch.groups) {
+                s.append(a);
             }
             // The chunk's first run may continue the previous chunk's last one.
             let mut close = |run: PromptRun| {
@@ -107,6 +115,10 @@ impl AdvantageConfig {
             num_prompts += 1;
             zero += run.zero_spread() as usize;
         }
+        let deltas: Vec<GroupDelta> = sums
+            .iter()
+            .map(|a| GroupDelta::cumulative(a.count, a.shift, a.s1, a.s2))
+            .collect();
         // The batch's moments, each group's mean reward and mean advantage from the group
         // sums (the general path sums rows: the same up to rounding).
         let mut batch_m = RunningMoments::default();
@@ -142,6 +154,27 @@ struct FusedGroup {
     shift: f64,
     s1: f64,
     s2: f64,
+}
+
+impl FusedGroup {
+    /// Appends a later chunk's sums: [`GroupDelta::append`] with weight 1 per reward, the
+    /// same operations in the same order (so the merged delta has the same bits), without
+    /// building a `GroupDelta` per group and chunk.
+    #[inline]
+    fn append(&mut self, later: &FusedGroup) {
+        if later.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *later;
+            return;
+        }
+        let w = later.count as f64;
+        self.count += later.count;
+        let delta = later.shift - self.shift;
+        self.s1 += later.s1 + w * delta;
+        self.s2 += later.s2 + 2.0 * delta * later.s1 + w * delta * delta;
+    }
 }
 
 /// One prompt's run of rows: its id and reward range.
@@ -186,15 +219,56 @@ struct FusedChunk {
     inner_zero: usize,
 }
 
+/// Rows per block of the fused pass: a block whose rows are all finite and share one prompt
+/// and one group (a prompt's `G` completions, `G` a multiple of 8) is handled without a
+/// branch per row, its advantages computed in vector registers.
+const BLOCK: usize = 8;
+
+/// The smallest and largest of a block of finite rewards, as a balanced tree of plain
+/// comparisons (exact, so the same as `f32::min`/`f32::max` row by row).
+#[inline(always)]
+fn tree_range(r: &[f32; BLOCK]) -> (f32, f32) {
+    let lo = |a: f32, b: f32| if b < a { b } else { a };
+    let hi = |a: f32, b: f32| if b > a { b } else { a };
+    (
+        lo(
+            lo(lo(r[0], r[1]), lo(r[2], r[3])),
+            lo(lo(r[4], r[5]), lo(r[6], r[7])),
+        ),
+        hi(
+            hi(hi(r[0], r[1]), hi(r[2], r[3])),
+            hi(hi(r[4], r[5]), hi(r[6], r[7])),
+        ),
+    )
+}
+
+/// [`finite_f32`] written with selects instead of a branch, so that a block of them
+/// vectorises: the same value for every input.
+#[inline(always)]
+fn finite_f32_select(a: f64) -> f32 {
+    const MAX: f64 = f32::MAX as f64;
+    #[allow(clippy::eq_op)]
+    let a = if a == a { a } else { 0.0 };
+    let a = if a < -MAX { -MAX } else { a };
+    let a = if a > MAX { MAX } else { a };
+    a as f32
+}
+
+crate::dispatch::multiversion! {
 /// The fused pass over one chunk (see `AdvantageConfig::fused_pgrpo`): `None` at the first
 /// row it does not handle (a bad group id, a non-finite reward, a prompt id lower than the
 /// run before).
+///
+/// Rows go by blocks of [`BLOCK`]; a block of one prompt and one group takes the fast form,
+/// any other row the row-by-row form. Both make the same additions in the same order (the
+/// group sums row after row, the reward range by `min`/`max`, which are exact), so the
+/// result does not depend on which form ran.
 fn fused_chunk(
     rewards: &[f32],
     group_ids: &[u32],
     prompt_ids: &[u32],
     norm: &[(f64, f64)],
-    out: &mut [f32],
+    out: &mut [f32]
 ) -> Option<FusedChunk> {
     let k = norm.len();
     let mut groups = vec![FusedGroup::default(); k];
@@ -207,41 +281,81 @@ fn fused_chunk(
     let mut cur_group = usize::MAX;
     let mut a = FusedGroup::default();
     let (mut mean, mut inv) = (0.0, 1.0);
-    for (((&r, &g), &q), v) in rewards.iter().zip(group_ids).zip(prompt_ids).zip(out) {
+    // Moves to group `g` (its sums into registers) and to prompt `q` (closing the run
+    // before); `None` for an unknown group or a decreasing prompt id.
+    macro_rules! enter {
+        ($g:expr, $q:expr, $x:expr) => {{
+            let g = $g as usize;
+            if g != cur_group {
+                if cur_group != usize::MAX {
+                    groups[cur_group] = a;
+                }
+                cur_group = g;
+                a = *groups.get(cur_group)?;
+                (mean, inv) = norm[cur_group];
+                if a.count == 0 {
+                    a.shift = $x;
+                }
+            }
+            let q = $q;
+            if q != cur.id {
+                if q < cur.id {
+                    return None;
+                }
+                if first.is_none() {
+                    first = Some(cur);
+                } else {
+                    inner_runs += 1;
+                    inner_zero += cur.zero_spread() as usize;
+                }
+                cur = PromptRun::new(q);
+            }
+        }};
+    }
+    let n = rewards.len();
+    let mut i = 0;
+    while i < n {
+        if i + BLOCK <= n {
+            let r: &[f32; BLOCK] = rewards[i..i + BLOCK].try_into().ok()?;
+            let g: &[u32; BLOCK] = group_ids[i..i + BLOCK].try_into().ok()?;
+            let q: &[u32; BLOCK] = prompt_ids[i..i + BLOCK].try_into().ok()?;
+            // Folds without early exit, so that they vectorise.
+            let same = g.iter().fold(true, |s, &x| s & (x == g[0]))
+                & q.iter().fold(true, |s, &x| s & (x == q[0]));
+            let finite = r.iter().fold(true, |s, &x| s & x.is_finite());
+            if same && finite {
+                enter!(g[0], q[0], r[0] as f64);
+                // Plain comparisons (the rewards are finite): `min`/`max` without the NaN
+                // handling of `f32::min`.
+                let (lo, hi) = tree_range(r);
+                cur.lo = if lo < cur.lo { lo } else { cur.lo };
+                cur.hi = if hi > cur.hi { hi } else { cur.hi };
+                a.count += BLOCK as u64;
+                for &x in r {
+                    let d = x as f64 - a.shift;
+                    a.s1 += d;
+                    a.s2 += d * d;
+                }
+                let o: &mut [f32; BLOCK] = (&mut out[i..i + BLOCK]).try_into().ok()?;
+                *o = std::array::from_fn(|j| finite_f32_select((r[j] as f64 - mean) * inv));
+                i += BLOCK;
+                continue;
+            }
+        }
+        let (r, g, q) = (rewards[i], group_ids[i], prompt_ids[i]);
         if !r.is_finite() {
             return None;
         }
         let x = r as f64;
-        if g as usize != cur_group {
-            if cur_group != usize::MAX {
-                groups[cur_group] = a;
-            }
-            cur_group = g as usize;
-            a = *groups.get(cur_group)?;
-            (mean, inv) = norm[cur_group];
-            if a.count == 0 {
-                a.shift = x;
-            }
-        }
-        if q != cur.id {
-            if q < cur.id {
-                return None;
-            }
-            if first.is_none() {
-                first = Some(cur);
-            } else {
-                inner_runs += 1;
-                inner_zero += cur.zero_spread() as usize;
-            }
-            cur = PromptRun::new(q);
-        }
+        enter!(g, q, x);
         cur.lo = cur.lo.min(r);
         cur.hi = cur.hi.max(r);
         a.count += 1;
         let d = x - a.shift;
         a.s1 += d;
         a.s2 += d * d;
-        *v = finite_f32((x - mean) * inv);
+        out[i] = finite_f32((x - mean) * inv);
+        i += 1;
     }
     if cur_group != usize::MAX {
         groups[cur_group] = a;
@@ -257,6 +371,7 @@ fn fused_chunk(
         inner_runs,
         inner_zero,
     })
+}
 }
 
 #[cfg(test)]
@@ -314,8 +429,19 @@ mod tests {
             (100_000, 7, 2),
             (80_000, 40_000, 2),
             (150_000, 4, 5_000),
+            // Whole blocks of one prompt (g a multiple of 8), groups with no rows.
+            (4_096, 16, 3),
+            (64_000, 8, 10_000),
+            // A block whose rows change group (a prompt split over two groups).
+            (4_104, 8, 0),
         ] {
-            let (r, p, gid, history) = batch(n, g, k, n as u64);
+            let (r, p, mut gid, history) = batch(n, g, if k == 0 { 3 } else { k }, n as u64);
+            let k = if k == 0 {
+                gid[37] = (gid[37] + 1) % 3;
+                3
+            } else {
+                k
+            };
             let keys: Vec<GroupKey> = (0..k as u64).map(GroupKey::Id).collect();
             let b = RolloutRewards {
                 rewards: &r,
@@ -324,9 +450,9 @@ mod tests {
                 group_keys: &keys,
             };
             let rows = rows_per_task(k);
-            let fused = cfg
-                .fused_pgrpo(&b, &history, rows)
-                .expect("this batch takes the fused path");
+            let fused = cfg.fused_pgrpo(&b, &history, rows).unwrap_or_else(|| {
+                panic!("this batch takes the fused path (n = {n}, g = {g}, k = {k})")
+            });
             let general = cfg.compute_general(&b, &history, rows).unwrap();
             assert!(
                 fused

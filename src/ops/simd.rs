@@ -6,41 +6,7 @@
 //! them. `exp` is a Cephes-style range reduction plus a degree-6 polynomial (about 2 ulp),
 //! written branch-free so that it vectorises.
 
-/// Defines `fn name(args) -> ret` from a generic body plus AVX-512 and AVX2 clones, chosen at
-/// run time.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) -> $ret {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) -> $ret $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn v4($($arg: $ty),*) -> $ret {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) -> $ret {
-                    generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            generic($($arg),*)
-        }
-    };
-}
-
-pub(crate) use multiversion;
+pub(crate) use crate::dispatch::multiversion;
 
 const LANES: usize = 16;
 
