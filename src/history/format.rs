@@ -186,17 +186,14 @@ impl RewardHistory {
                     m2: g.m2,
                 },
             };
-            if h.groups
-                .insert(
-                    g.key.clone(),
-                    GroupState {
-                        seen: g.seen,
-                        moments,
-                        window,
-                    },
-                )
-                .is_some()
-            {
+            if !h.groups.insert(
+                g.key.clone(),
+                GroupState {
+                    seen: g.seen,
+                    moments,
+                    window,
+                },
+            ) {
                 return Err(bad("listed twice".into()));
             }
         }

@@ -25,10 +25,11 @@
 //! |---|---|
 //! | `moments.rs` | [`RunningMoments`] and [`Variance`]: Welford's and Chan et al.'s arithmetic |
 //! | `mod.rs` | [`RewardHistory`], the store: one state per group, folds and merges |
+//! | `store.rs` | the sorted key → state map behind it (two vectors, walked in key order) |
 //! | `delta.rs` | [`BatchDeltas`]: what one batch adds, and [`RewardHistory::apply`] |
 //! | `format.rs` | the versioned JSON format and its validation |
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,7 @@ use crate::GroupKey;
 mod delta;
 mod format;
 mod moments;
+mod store;
 
 pub use delta::BatchDeltas;
 pub(crate) use delta::GroupDelta;
@@ -190,22 +192,6 @@ fn window_moments(w: &VecDeque<f64>) -> RunningMoments {
     }
 }
 
-/// Whether `keys` is non-empty and strictly increasing: then they can be looked up in one
-/// ordered walk over the stored groups.
-fn increasing(keys: &[GroupKey]) -> bool {
-    !keys.is_empty() && keys.windows(2).all(|w| w[0] < w[1])
-}
-
-/// Advances an ordered walk over stored groups to `key` (never past a larger key) and takes
-/// its value if it is stored.
-fn seek<'a, V>(
-    stored: &mut std::iter::Peekable<impl Iterator<Item = (&'a GroupKey, V)>>,
-    key: &GroupKey,
-) -> Option<V> {
-    while stored.next_if(|(k, _)| *k < key).is_some() {}
-    stored.next_if(|(k, _)| *k == key).map(|(_, v)| v)
-}
-
 /// Per-preference-group reward statistics kept across training steps.
 ///
 /// ```
@@ -222,7 +208,7 @@ fn seek<'a, V>(
 pub struct RewardHistory {
     kind: HistoryKind,
     decay: f64,
-    groups: BTreeMap<GroupKey, GroupState>,
+    groups: store::Groups,
 }
 
 impl Default for RewardHistory {
@@ -230,7 +216,7 @@ impl Default for RewardHistory {
         Self {
             kind: HistoryKind::Cumulative,
             decay: 1.0,
-            groups: BTreeMap::new(),
+            groups: store::Groups::default(),
         }
     }
 }
@@ -245,7 +231,7 @@ impl RewardHistory {
         Ok(Self {
             kind,
             decay: kind.decay(),
-            groups: BTreeMap::new(),
+            groups: store::Groups::default(),
         })
     }
 
@@ -261,7 +247,7 @@ impl RewardHistory {
 
     /// Whether no group has been seen.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.groups.len() == 0
     }
 
     /// Forgets everything (keeps the kind).
@@ -358,28 +344,20 @@ impl RewardHistory {
     /// advantage kernel builds the deltas in the same pass as the advantages.
     pub(crate) fn fold_deltas(&mut self, keys: &[GroupKey], deltas: Vec<GroupDelta>) {
         let (kind, decay) = (self.kind, self.decay);
-        let mut rest: Vec<(&GroupKey, GroupDelta)> = Vec::new();
-        if increasing(keys) {
-            // Increasing keys (the usual `0..k` ids): one ordered walk over the stored groups
-            // instead of a search per key; groups not stored yet are inserted afterwards.
-            let mut stored = self.groups.range_mut(keys[0].clone()..).peekable();
-            for (key, delta) in keys.iter().zip(deltas) {
-                if delta.count == 0 {
-                    continue;
-                }
-                match seek(&mut stored, key) {
-                    Some(state) => state.append_delta(kind, decay, delta),
-                    None => rest.push((key, delta)),
-                }
+        let mut new = Vec::new();
+        for ((key, delta), at) in keys.iter().zip(deltas).zip(self.groups.positions(keys)) {
+            if delta.count == 0 {
+                continue;
             }
-        } else {
-            rest = keys.iter().zip(deltas).collect();
-        }
-        for (key, delta) in rest {
-            if delta.count > 0 {
-                self.fold_delta(key.clone(), delta);
+            match at {
+                Some(i) => self.groups.state_mut(i).append_delta(kind, decay, delta),
+                None => new.push((key.clone(), delta)),
             }
         }
+        // Groups seen for the first time, merged in at once (in the order of `keys` where
+        // one is named twice).
+        self.groups
+            .insert_new(new, |state, delta| state.append_delta(kind, decay, delta));
     }
 
     /// [`moments`](Self::moments) of each of `keys`; for increasing keys one ordered walk
@@ -391,12 +369,10 @@ impl RewardHistory {
     /// `get(g)` of the state of each of `keys` (`None`: not stored); for increasing keys one
     /// ordered walk over the stored groups instead of a search per key.
     fn walk<V>(&self, keys: &[GroupKey], get: impl Fn(&GroupState) -> V) -> Vec<Option<V>> {
-        if !increasing(keys) {
-            return keys.iter().map(|k| self.groups.get(k).map(&get)).collect();
-        }
-        let mut stored = self.groups.range(keys[0].clone()..).peekable();
-        keys.iter()
-            .map(|key| seek(&mut stored, key).map(&get))
+        let states: Vec<Option<usize>> = self.groups.positions(keys);
+        states
+            .into_iter()
+            .map(|at| at.map(|i| get(self.groups.state(i))))
             .collect()
     }
 
@@ -446,10 +422,7 @@ impl RewardHistory {
 
     fn fold_delta(&mut self, key: GroupKey, delta: GroupDelta) {
         let (kind, decay) = (self.kind, self.decay);
-        self.groups
-            .entry(key)
-            .or_default()
-            .append_delta(kind, decay, delta);
+        self.groups.entry(key).append_delta(kind, decay, delta);
     }
 
     /// Appends every group of `later` after this store's rewards, exactly.
@@ -468,15 +441,24 @@ impl RewardHistory {
             )));
         }
         let (kind, decay) = (self.kind, self.decay);
-        for (key, other) in &later.groups {
-            self.groups.entry(key.clone()).or_default().append(
+        let fold = |state: &mut GroupState, other: &GroupState| {
+            state.append(
                 kind,
                 decay,
                 other.seen,
                 &other.moments,
                 other.window.iter().copied(),
             );
+        };
+        let keys: Vec<GroupKey> = later.groups.keys().cloned().collect();
+        let mut new = Vec::new();
+        for ((key, other), at) in later.groups.iter().zip(self.groups.positions(&keys)) {
+            match at {
+                Some(i) => fold(self.groups.state_mut(i), other),
+                None => new.push((key.clone(), other)),
+            }
         }
+        self.groups.insert_new(new, fold);
         Ok(())
     }
 }
