@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench roofline                 # machine, decode, update (about 4 minutes on 2 cores)
 //! cargo bench --bench roofline -- machine      # one or more parts: machine | decode | update
-//! PGRPO_ROOF_THREADS=2 PGRPO_ROOF_REPS=3 cargo bench --bench roofline
+//! PGRPO_ROOF_THREADS=2 PGRPO_ROOF_REPS=3 PGRPO_ROOF_SETTINGS=2x4,8x8 cargo bench --bench roofline
 //! ```
 //!
 //! - **machine**: streaming read bandwidth (sum of a 1 GiB `f32` array), copy bandwidth (1 GiB
@@ -58,8 +58,17 @@ const QUESTIONS: [&str; 8] = [
     "How can I sleep better?",
     "Suggest a board game for four people.",
 ];
-/// (prompts, G) of the vs_trl settings.
-const SETTINGS: [(usize, usize); 2] = [(2, 4), (8, 8)];
+/// (prompts, G) of the vs_trl settings, or those of `PGRPO_ROOF_SETTINGS` (e.g. `2x4`).
+fn settings() -> Vec<(usize, usize)> {
+    let s = std::env::var("PGRPO_ROOF_SETTINGS").unwrap_or_else(|_| "2x4,8x8".into());
+    s.split(',')
+        .filter_map(|x| {
+            let (p, g) = x.split_once('x')?;
+            let (p, g) = (p.trim().parse().ok()?, g.trim().parse().ok()?);
+            (1..=QUESTIONS.len()).contains(&p).then_some((p, g))
+        })
+        .collect()
+}
 const NEW_TOKENS: usize = 32;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -69,6 +78,12 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Whether to print the profiles (`PGRPO_ROOF_PROFILE=0`: the headline tables only, e.g. under
+/// `perf record`).
+fn profile_on() -> bool {
+    std::env::var("PGRPO_ROOF_PROFILE").map_or(true, |v| v != "0")
 }
 
 /// Fastest of `reps` runs of `f`, in seconds.
@@ -272,7 +287,7 @@ fn decode(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
     println!("| rows | prompt width (padded) | avg context | ms / step | MB read / step (weights + KV) | achieved GB/s | read bandwidth GB/s | **achieved / bandwidth limit** | target ≥ 70% | GFLOP / step | compute floor ms (at the 2048³ GEMM rate) | roofline floor ms = max(bytes / bandwidth, FLOPs / GEMM rate) | floor / measured | load |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut profiles = Vec::new();
-    for (p, g) in SETTINGS {
+    for (p, g) in settings() {
         let ps = prompts(m, p)?;
         let refs: Vec<&[u32]> = ps.iter().map(|q| q.as_slice()).collect();
         let width = ps.iter().map(Vec::len).max().unwrap_or(0);
@@ -346,7 +361,7 @@ fn decode(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
         profiles.push((rows, width + NEW_TOKENS / 2 + 1, step));
     }
     println!();
-    for (rows, ctx, step) in profiles {
+    for (rows, ctx, step) in profiles.into_iter().filter(|_| profile_on()) {
         decode_profile(m, rows, ctx, step, reps)?;
     }
     Ok(())
@@ -554,7 +569,7 @@ fn update(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
     let mut rng = StdRng::seed_from_u64(11);
     let mut profiles = Vec::new();
     let mut warmed = false;
-    for (p, g) in SETTINGS {
+    for (p, g) in settings() {
         let ps = prompts(m, p)?;
         let rows = p * g;
         let prompt_rows: Vec<&Vec<u32>> = (0..rows).map(|r| &ps[r / g]).collect();
@@ -626,7 +641,7 @@ fn update(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
         profiles.push((rows, width, total, times, fl));
     }
     println!();
-    for (rows, width, total, times, fl) in profiles {
+    for (rows, width, total, times, fl) in profiles.into_iter().filter(|_| profile_on()) {
         update_profile(&cfg, rows, width, total, times, &fl, reps)?;
     }
     Ok(())
