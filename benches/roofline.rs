@@ -721,15 +721,17 @@ fn update(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
     }
     println!();
     for (rows, width, total, times, fl) in profiles.into_iter().filter(|_| profile_on()) {
-        update_profile(&cfg, rows, width, total, times, &fl, reps)?;
+        update_profile(&cfg, &vars, rows, width, total, times, &fl, reps)?;
     }
     Ok(())
 }
 
 /// Where the update's time goes: the GEMMs of its shapes timed alone (forward, and forward +
 /// backward of one `linear` node), scaled by their count, against the measured phases.
+#[allow(clippy::too_many_arguments)]
 fn update_profile(
     cfg: &LlamaConfig,
+    vars: &[candle_core::Var],
     rows: usize,
     width: usize,
     total: f64,
@@ -785,6 +787,15 @@ fn update_profile(
             100.0 * s / total
         );
     }
+    // candle's backprop sums every gradient into a fresh `zeros_like` (one add per
+    // contribution, even the first): that cost over every parameter, timed alone.
+    let t_acc = best(reps, || {
+        for v in vars {
+            let z = v.as_tensor().zeros_like()?;
+            std::hint::black_box(z.add(v.as_tensor())?);
+        }
+        Ok(())
+    })?;
     let attn_flops = 3.0 * fl.attn;
     println!(
         "| **all projection + LM-head GEMMs** (fwd {:.3} s, bwd {:.3} s) | | | | **{gemm_all:.3}** | {:.1} | **{:.0}%** |",
@@ -802,6 +813,11 @@ fn update_profile(
         "| backward, measured | | | | {:.3} | | {:.0}% |",
         times[1],
         100.0 * times[1] / total
+    );
+    println!(
+        "| of which, inside backward: candle's gradient accumulation (`zeros_like` + `add` once per parameter tensor, {} tensors), timed alone | | | | {t_acc:.3} | | {:.0}% |",
+        vars.len(),
+        100.0 * t_acc / total
     );
     println!(
         "| clip (global norm) + AdamW, measured | | | | {:.3} | | {:.0}% |",
