@@ -8,7 +8,7 @@
 //! (`models/SmolLM2-135M-Instruct.Q4_1.gguf`, dequantised to f32; `scripts/fetch-smollm2.sh`)
 //! at 2 prompts × 4 and 8 × 8 completions of 32 new tokens (no stop token, so every row
 //! decodes 32 steps; temperature 1, seed fixed), alternating in every round (`PGRPO_SAMPLING_ROUNDS`,
-//! default 3) between: f32 weights with the skinny kernel up to 16 rows for every shape
+//! default 3, after a warm-up round; the order rotates) between: f32 weights with the skinny kernel up to 16 rows for every shape
 //! (the old threshold), f32 with the current thresholds (skinny up to 64 rows for the wide
 //! down projection), and bf16 decode weights ([`DecodePrecision::Bf16`]). It prints the
 //! median total sampling time, the prefill (a 1-token `generate`), the decode time per step
@@ -151,7 +151,10 @@ fn smollm2() -> pgrpo::Result<()> {
         let mut prefill = vec![Vec::new(); variants.len()];
         let mut tokens: Vec<Vec<Vec<u32>>> = vec![Vec::new(); variants.len()];
         for round in 0..=rounds {
-            for (v, &(_, wide, prec)) in variants.iter().enumerate() {
+            // The order rotates from round to round, so no variant always runs first.
+            for k in 0..variants.len() {
+                let v = (k + round) % variants.len();
+                let (_, wide, prec) = variants[v];
                 pgrpo::ops::set_skinny_rows_wide(wide);
                 let t = Instant::now();
                 model.generate(&p, g, &cfg(1, prec), &mut StdRng::seed_from_u64(0))?;

@@ -12,12 +12,12 @@ use super::{cpu_f32, fusable, gemm, matmul_t, simd, skinny, skinny_rows, tensor_
 /// adds a transpose node whose gradient is a strided copy of `∂W`). Elsewhere
 /// `x.broadcast_matmul(&w.t())`.
 ///
-/// **`bf16` weights** (for decoding, see
-/// [`DecodePrecision`](crate::lm::DecodePrecision)): with `x` in `f32` on the CPU, neither
-/// input tracking a gradient, and `w` a CPU `bf16` tensor, the product reads `w` in `bf16`
-/// and widens it to `f32` per 16-lane tile inside the skinny kernel, summing in `f32` (for
-/// few rows; with many rows `w` is widened once and multiplied by `gemm`). The result is
-/// exactly the `f32` product with the widened weights. No backward.
+/// **`bf16` weights** (for decoding, see `pgrpo::lm::DecodePrecision`): with `x` in `f32`
+/// on the CPU, neither input tracking a gradient, and `w` a CPU `bf16` tensor, the product
+/// reads `w` in `bf16` and widens it to `f32` per 16-lane tile inside the skinny kernel,
+/// summing in `f32` (for few rows; with many rows `w` is widened once and multiplied by
+/// `gemm`). The result is the `f32` product with the widened weights (exactly for the
+/// skinny kernel's row counts, to `f32` rounding through `gemm`). No backward.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
