@@ -449,7 +449,7 @@ impl Policy for LmPolicy {
     /// [`log_probs_detached`](Policy::log_probs_detached), no entropy. `None` for no rows,
     /// when [`with_sampler_log_probs(false)`](LmPolicy::with_sampler_log_probs) turned
     /// them off, or when the sampler decodes with `bf16` weights
-    /// ([`DecodePrecision::Bf16`](super::DecodePrecision::Bf16)): those log-probs are the
+    /// ([`DecodePrecision::Bf16`]): those log-probs are the
     /// bf16 decode's, not the `f32` policy's, so a trainer that needs old log-probs
     /// recomputes them in `f32`.
     fn sample_with_log_probs(
