@@ -25,13 +25,19 @@
 //! with its default gradient checkpointing on and (a second column) off. TRL's `generate` keeps
 //! finished rows in the batch until every row is done; pgrpo drops them: compare seconds per
 //! generated token as well as per step.
+//!
+//! `PGRPO_TRL_DECODE=bf16` turns on pgrpo's bf16 decode weights
+//! ([`DecodePrecision::Bf16`](pgrpo::lm::DecodePrecision): decode steps of at most 16 rows
+//! read the weight matrices in bf16; logits, sampling and the update stay f32; with one
+//! update per generation no old log-probs are needed); default f32. Run the bench once with
+//! and once without it to show the whole step with the lever on and off.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use candle_core::Device;
-use pgrpo::lm::{LmPolicy, SamplingConfig, TextReward};
+use pgrpo::lm::{DecodePrecision, LmPolicy, SamplingConfig, TextReward};
 use pgrpo::{Estimator, GroupKey, GroupedPrompt, Trainer, TrainerConfig};
 use serde_json::{json, Value};
 
@@ -60,11 +66,16 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// pgrpo's side: `steps` GRPO steps, one JSON object on stdout.
 fn child(model: &Path, prompts: usize, g: usize, steps: usize) -> pgrpo::Result<()> {
+    let decode_weights = match std::env::var("PGRPO_TRL_DECODE").as_deref() {
+        Ok("bf16") => DecodePrecision::Bf16,
+        _ => DecodePrecision::F32,
+    };
     let policy = LmPolicy::from_hf_dir(model, &Device::Cpu)?.with_sampling(SamplingConfig {
         max_new_tokens: 32,
         temperature: 1.0,
         top_k: 0,
         top_p: 1.0,
+        decode_weights,
         ..Default::default()
     })?;
     let reward = TextReward::new(&policy, |_: &str, answer: &str, _: &GroupKey| {

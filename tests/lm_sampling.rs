@@ -564,3 +564,80 @@ fn trainer_takes_old_log_probs_from_the_sampler() {
         "{broken:?}"
     );
 }
+
+/// `bf16` decode weights: the policy hands back no sampler log-probs (the trainer then
+/// scores old log-probs in f32), with `F32` it does; the tokens are drawn all the same.
+#[test]
+fn bf16_decoding_returns_no_sampler_log_probs() {
+    use pgrpo::lm::DecodePrecision;
+    let base = SamplingConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let f32 = policy(2, base.clone());
+    let bf16 = policy(
+        2,
+        SamplingConfig {
+            decode_weights: DecodePrecision::Bf16,
+            ..base
+        },
+    );
+    let prompts = prompts();
+    let (c, lp) = f32
+        .sample_with_log_probs(&prompts, 2, &mut StdRng::seed_from_u64(4))
+        .unwrap();
+    assert!(lp.is_some());
+    assert_eq!(c.len(), 6);
+    let (c, lp) = bf16
+        .sample_with_log_probs(&prompts, 2, &mut StdRng::seed_from_u64(4))
+        .unwrap();
+    assert!(lp.is_none(), "bf16 decoding must not report old log-probs");
+    assert_eq!(c.len(), 6);
+    assert!(c.iter().all(|c| !c.is_empty() && c.len() <= 6));
+}
+
+/// `bf16` decode weights change only the decode steps with at most 16 rows: the first token
+/// (from the f32 prefill) is the f32 one in every row, a batch of more than 16 rows that
+/// never stops decodes exactly as with f32, and a small batch reads the bf16 weights (its
+/// greedy tokens or its log-probs differ somewhere from f32's).
+#[test]
+fn bf16_decoding_keeps_prefill_and_wide_steps_in_f32() {
+    use pgrpo::lm::DecodePrecision;
+    let model = tiny_model(5);
+    let prompts = prompts();
+    let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let run = |n: usize, decode_weights: DecodePrecision| {
+        let cfg = SamplingConfig {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            stop_tokens: Some(vec![]),
+            decode_weights,
+            ..Default::default()
+        };
+        model
+            .generate_with_log_probs(&p, n, &cfg, &mut StdRng::seed_from_u64(1))
+            .unwrap()
+    };
+    // 3 prompts × 6 = 18 rows > 16: every step in f32.
+    assert_eq!(run(6, DecodePrecision::F32), run(6, DecodePrecision::Bf16));
+    // 3 × 2 = 6 rows: steps after the first read bf16 weights.
+    let (tf, lf) = run(2, DecodePrecision::F32);
+    let (tb, lb) = run(2, DecodePrecision::Bf16);
+    for r in 0..6 {
+        assert_eq!(
+            tf[r][0], tb[r][0],
+            "row {r}: first token comes from the f32 prefill"
+        );
+        assert_eq!(lf[r][0], lb[r][0], "row {r}");
+    }
+    assert!(tf != tb || lf != lb, "bf16 weights not read");
+    let worst = lf
+        .iter()
+        .flatten()
+        .zip(lb.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        tf != tb || worst < 0.05,
+        "greedy tokens agree but log-probs differ by {worst}"
+    );
+}

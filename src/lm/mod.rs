@@ -40,5 +40,5 @@ pub use lora::{LoraConfig, LoraTarget};
 pub use model::{Grad, Kernels, KvCache, Llama};
 pub use policy::LmPolicy;
 pub use reward::TextReward;
-pub use sampling::{sample_token, SamplingConfig};
+pub use sampling::{sample_token, DecodePrecision, SamplingConfig};
 pub use tokenizer::{chatml, Tokenizer};

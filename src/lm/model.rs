@@ -676,6 +676,43 @@ impl Llama {
         Ok(x.reshape((b, t, self.config.hidden_size))?)
     }
 
+    /// A decoding copy of the model whose weight matrices (the seven projections of every
+    /// block and the LM head, the tied embedding's copy included) are rounded to `bf16`
+    /// (nearest, ties to even), converted once here; the embedding lookup, the norms and
+    /// any biases stay shared with `self` in `f32`. [`crate::ops::linear`] reads the `bf16`
+    /// matrices in its skinny kernel. `None` where that kernel does not run: off the CPU,
+    /// weights not in `f32`, [`Kernels::Reference`], or unmerged LoRA adapters.
+    ///
+    /// The copy does not follow later updates of `self`'s weights; it lives for one
+    /// [`generate`](Self::generate) call.
+    pub(crate) fn bf16_decoder(&self) -> Result<Option<Llama>> {
+        if !(self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self.kernels != Kernels::Reference
+            && !self.has_adapters())
+        {
+            return Ok(None);
+        }
+        let conv = |v: &Var| -> Result<Var> {
+            use half::slice::HalfFloatSliceExt;
+            let t = v.as_tensor();
+            let bits = crate::ops::with_f32(t, "bf16_decoder", |src| {
+                let mut dst = vec![half::bf16::ZERO; src.len()];
+                crate::ops::to_bf16(src, dst.reinterpret_cast_mut());
+                Ok(dst)
+            })?;
+            Ok(Var::from_vec(bits, t.shape(), &self.device)?)
+        };
+        let mut m = self.clone();
+        for block in &mut m.layers {
+            for l in block.projections_mut() {
+                l.weight = conv(&l.weight)?;
+            }
+        }
+        m.lm_head = Some(conv(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?);
+        Ok(Some(m))
+    }
+
     /// Logits `(.., V)` from hidden states `(.., hidden)`.
     pub fn logits(&self, hidden: &Tensor, grad: Grad) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

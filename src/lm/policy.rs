@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use super::chat::{ChatMessage, TokenizerConfig};
 use super::hf::TOKENIZER_FILE;
 use super::model::{Grad, Kernels, Llama};
-use super::sampling::SamplingConfig;
+use super::sampling::{DecodePrecision, SamplingConfig};
 use super::tokenizer::{self, Tokenizer};
 use crate::{Error, Policy, Result, TokenLogProbs};
 
@@ -351,7 +351,8 @@ impl LmPolicy {
     }
 
     /// Whether [`Policy::sample_with_log_probs`] hands back the sampler's log-probs (default
-    /// `true`). With `false` it returns none, and a trainer with `num_iterations > 1` scores
+    /// `true`; always off under [`DecodePrecision::Bf16`] decoding). With `false` it
+    /// returns none, and a trainer with `num_iterations > 1` scores
     /// the old log-probs with [`Policy::log_probs_detached`] (a second forward pass). The
     /// two differ only by the rounding of the KV-cache decode against the full forward, as
     /// much as the training and the detached paths differ from each other (measured on
@@ -446,15 +447,18 @@ impl Policy for LmPolicy {
     /// The completions and their log-probs from the sampler
     /// ([`Llama::generate_with_log_probs`]): `(B, C)` `f32`, right-padded like
     /// [`log_probs_detached`](Policy::log_probs_detached), no entropy. `None` for no rows,
-    /// or when [`with_sampler_log_probs(false)`](LmPolicy::with_sampler_log_probs) turned
-    /// them off.
+    /// when [`with_sampler_log_probs(false)`](LmPolicy::with_sampler_log_probs) turned
+    /// them off, or when the sampler decodes with `bf16` weights
+    /// ([`DecodePrecision::Bf16`]): those log-probs are the
+    /// bf16 decode's, not the `f32` policy's, so a trainer that needs old log-probs
+    /// recomputes them in `f32`.
     fn sample_with_log_probs(
         &self,
         prompts: &[Vec<u32>],
         n: usize,
         rng: &mut StdRng,
     ) -> Result<(Vec<Vec<u32>>, Option<TokenLogProbs>)> {
-        if !self.sampler_log_probs {
+        if !self.sampler_log_probs || self.sampling.decode_weights != DecodePrecision::F32 {
             return Ok((self.sample(prompts, n, rng)?, None));
         }
         let p: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();

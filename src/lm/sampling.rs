@@ -78,6 +78,49 @@ pub struct SamplingConfig {
     /// `max_new_tokens` ([`Policy::is_truncated`](crate::Policy::is_truncated)).
     /// Default `None`.
     pub stop_tokens: Option<Vec<u32>>,
+    /// Precision of the weight matrices read by the decode steps (opt-in `bf16`, see
+    /// [`DecodePrecision`]). Default [`DecodePrecision::F32`]: the model's own weights, bit
+    /// for bit the same tokens and log-probs as without this field.
+    pub decode_weights: DecodePrecision,
+}
+
+/// Precision of the weight matrices read while decoding ([`SamplingConfig::decode_weights`]).
+///
+/// Decoding a few rows is a matrix-vector product per weight matrix, bound by reading the
+/// weights from memory; `bf16` halves those bytes. With [`Bf16`](Self::Bf16),
+/// [`Llama::generate`] rounds the projections and the LM head to `bf16` once per call
+/// (nearest, ties to even; a pass over the weights, split over the cores) and every decode
+/// step with at most 16 rows reads them in `bf16`, widened to `f32` per 16-lane tile inside
+/// the skinny kernel, accumulating in `f32`. What stays `f32`: the prompt prefill (many rows,
+/// compute-bound `gemm`, which `bf16` storage would not speed up), and so the first token;
+/// steps with more than 16 rows (compute-bound too: they run `gemm` on the `f32` weights);
+/// activations, the KV cache, the norms, the logits and the sampling itself.
+///
+/// **The choice for the update.** Tokens drawn under `Bf16` come from a slightly different
+/// distribution than the `f32` policy's (logits differ by the bf16 rounding of the weights,
+/// about 2⁻⁸ relative per weight), so their log-probs under the bf16 decode are not the
+/// policy's. [`LmPolicy`](super::LmPolicy) therefore reports **no** sampler log-probs under
+/// `Bf16` (`sample_with_log_probs` returns `None`): a trainer that needs old log-probs
+/// (several optimizer updates per generation) recomputes them in `f32` with the policy's
+/// own forward, and with one update per generation none are needed (old = detached
+/// current). The tokens under a seed differ from [`F32`](Self::F32)'s once a rounding
+/// difference flips a draw; [`Llama::generate_with_log_probs`] still returns the bf16
+/// decode's own log-probs.
+///
+/// Applies on the CPU to `f32` models with the fused kernels ([`Kernels::Fused`] or
+/// [`Kernels::FusedOps`]); elsewhere decoding reads the model's own weights. Serialised as
+/// `"f32"` / `"bf16"`.
+///
+/// [`Kernels::Fused`]: super::Kernels::Fused
+/// [`Kernels::FusedOps`]: super::Kernels::FusedOps
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodePrecision {
+    /// The model's own weights (default).
+    #[default]
+    F32,
+    /// Weight matrices rounded to `bf16` once per `generate` call.
+    Bf16,
 }
 
 impl Default for SamplingConfig {
@@ -91,6 +134,7 @@ impl Default for SamplingConfig {
             min_p: 0.0,
             repetition_penalty: 1.0,
             stop_tokens: None,
+            decode_weights: DecodePrecision::F32,
         }
     }
 }
@@ -98,6 +142,7 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     /// Checks the ranges: `max_new_tokens ≥ 1`, `temperature ≥ 0` and finite,
     /// `top_p ∈ (0, 1]`, `min_p ∈ [0, 1]`, `repetition_penalty > 0` and finite.
+    /// (`decode_weights` has no invalid value; deserialising rejects unknown names.)
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 {
             bail_config!("max_new_tokens", "must be at least 1");
@@ -144,7 +189,8 @@ impl Llama {
     /// Prompts are left-padded into one batch and prefilled once; the cache is then repeated
     /// `n` times and decoded one token per step, dropping rows as they finish. All randomness
     /// comes from `rng` (one uniform per row and step, in row order), so a seed fixes the
-    /// result.
+    /// result. With [`DecodePrecision::Bf16`] the decode steps of at most 16 rows read the
+    /// weight matrices in `bf16` (converted once per call; see [`DecodePrecision`]).
     pub fn generate(
         &self,
         prompts: &[&[u32]],
@@ -239,6 +285,8 @@ impl Llama {
         let inv_t =
             (cfg.scoring_temperature() != 1.0).then(|| (1.0 / cfg.scoring_temperature()) as f32);
         let mut active: Vec<usize> = (0..p * n).collect();
+        // The bf16 copy of the weights, made at the first step that reads it.
+        let mut bf16_model: Option<Option<Llama>> = None;
         for step in 0..cfg.max_new_tokens {
             let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             let mut keep = Vec::with_capacity(active.len());
@@ -276,7 +324,16 @@ impl Llama {
                 active = keep.iter().map(|&r| active[r]).collect();
             }
             let ids = Tensor::from_vec(next, (active.len(), 1), &dev)?;
-            logits = self.forward_cached(&ids, None, &mut cache)?.squeeze(1)?;
+            let bf16 = cfg.decode_weights == DecodePrecision::Bf16
+                && active.len() <= crate::ops::SKINNY_ROWS;
+            if bf16 && bf16_model.is_none() {
+                bf16_model = Some(self.bf16_decoder()?);
+            }
+            let model = match (bf16, &bf16_model) {
+                (true, Some(Some(m))) => m,
+                _ => self,
+            };
+            logits = model.forward_cached(&ids, None, &mut cache)?.squeeze(1)?;
         }
         Ok((outs, with_log_probs.then_some(logps)))
     }
@@ -541,6 +598,126 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<SamplingConfig>(r#"{"top_q": 0.1}"#).is_err());
+    }
+
+    /// A small model with O(1) random weights (so rounding them to bf16 shows in the
+    /// logits).
+    fn random_model(kernels: super::super::Kernels) -> Llama {
+        use candle_core::{Device, Tensor};
+        let config = super::super::LlamaConfig {
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            vocab_size: 300,
+            tie_word_embeddings: true,
+            ..Default::default()
+        };
+        let mut rng = StdRng::seed_from_u64(7);
+        let model = Llama::new(config, &mut rng, &Device::Cpu, DType::F32)
+            .unwrap()
+            .with_kernels(kernels);
+        for (name, var) in model.named_vars() {
+            let dims = var.dims().to_vec();
+            let n: usize = dims.iter().product();
+            let a = if name.ends_with("norm.weight") {
+                continue;
+            } else {
+                2.0 / (dims[dims.len() - 1] as f32).sqrt()
+            };
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+            var.set(&Tensor::from_vec(data, dims, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        model
+    }
+
+    /// One decode step (5 rows after a shared prefill) with the bf16 copy against the f32
+    /// model: logits within 2 % of their range (bf16 keeps 8 significant bits), and not
+    /// equal (the bf16 weights are really read). The copy leaves the model untouched.
+    #[test]
+    fn bf16_decode_step_matches_f32_within_bf16_rounding() {
+        use candle_core::{Device, Tensor};
+        for kernels in [
+            super::super::Kernels::Fused,
+            super::super::Kernels::FusedOps,
+        ] {
+            let model = random_model(kernels);
+            let before = model.tensors();
+            let bf16 = model
+                .bf16_decoder()
+                .unwrap()
+                .expect("applies on the CPU in f32");
+            let mut cache = model.new_cache();
+            let prompt = Tensor::new(&[[5u32, 9, 17, 30, 2]], &Device::Cpu).unwrap();
+            model.forward_cached(&prompt, None, &mut cache).unwrap();
+            cache.select_rows(&[0; 5]).unwrap();
+            let step = Tensor::new(&[[1u32], [7], [250], [42], [99]], &Device::Cpu).unwrap();
+            let logits = |m: &Llama| {
+                let mut c = cache.clone();
+                m.forward_cached(&step, None, &mut c)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (f, b) = (logits(&model), logits(&bf16));
+            let range = f.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let worst = f
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(range > 1.0, "{range}");
+            assert!(worst < 2e-2 * range, "{kernels:?}: {worst} of {range}");
+            assert!(
+                worst > 1e-5 * range,
+                "{kernels:?}: bf16 weights not read ({worst})"
+            );
+            for (name, t) in model.tensors() {
+                let same = (t - &before[&name])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+            }
+        }
+        // Where the skinny kernel does not run, there is no bf16 copy.
+        let reference = random_model(super::super::Kernels::Reference);
+        assert!(reference.bf16_decoder().unwrap().is_none());
+    }
+
+    #[test]
+    fn decode_weights_round_trip_and_default_to_f32() {
+        let c = SamplingConfig {
+            decode_weights: DecodePrecision::Bf16,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""decode_weights":"bf16""#), "{json}");
+        assert_eq!(serde_json::from_str::<SamplingConfig>(&json).unwrap(), c);
+        c.validate().unwrap();
+        // A config written before the field existed loads with f32.
+        let old: SamplingConfig = serde_json::from_str(r#"{"max_new_tokens": 8}"#).unwrap();
+        assert_eq!(old.decode_weights, DecodePrecision::F32);
+        assert_eq!(
+            SamplingConfig::default().decode_weights,
+            DecodePrecision::F32
+        );
+        let f32: SamplingConfig = serde_json::from_str(r#"{"decode_weights": "f32"}"#).unwrap();
+        assert_eq!(f32, SamplingConfig::default());
+        for bad in [
+            r#"{"decode_weights": "fp8"}"#,
+            r#"{"decode_weights": "BF16"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<SamplingConfig>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
