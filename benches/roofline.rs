@@ -18,7 +18,9 @@
 //!   with stop tokens off (every row runs to the end). The bytes a step must read are every
 //!   weight once (the tied embedding read once, as the LM head) plus the KV cache at the
 //!   average context of the 32 steps (the padded width the kernels read), in the model's
-//!   dtype; achieved GB/s and the ratio to the measured read bandwidth. Then a profile of one
+//!   dtype; achieved GB/s and the ratio to the measured read bandwidth. At 8 rows a second
+//!   row decodes with bf16 decode weights (`DecodePrecision::Bf16`: the weights counted at 2
+//!   bytes, the KV cache at 4; the once-per-call conversion is inside the 32 steps). Then a profile of one
 //!   step at the average context, each piece timed alone with the model's weights.
 //! - **update**: forward (`Policy::log_probs` with the fused kernels, entropy included, and the
 //!   clipped objective) + backward + global-norm clip + pgrpo's AdamW, the calls
@@ -37,7 +39,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use pgrpo::lm::{Llama, LlamaConfig, LmPolicy, SamplingConfig};
+use pgrpo::lm::{DecodePrecision, Llama, LlamaConfig, LmPolicy, SamplingConfig};
 use pgrpo::optim::{clip_grad_norm, AdamW, ParamsAdamW};
 use pgrpo::{clipped_objective, ObjectiveConfig, ObjectiveInputs, Policy};
 use rand::rngs::StdRng;
@@ -325,73 +327,92 @@ fn decode(m: &Model, mach: Option<&Machine>, reps: usize) -> Res<()> {
         let refs: Vec<&[u32]> = ps.iter().map(|q| q.as_slice()).collect();
         let width = ps.iter().map(Vec::len).max().unwrap_or(0);
         let rows = p * g;
-        let mk = |n| SamplingConfig {
-            max_new_tokens: n,
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            stop_tokens: Some(Vec::new()),
-            ..Default::default()
-        };
-        let (c1, c33) = (mk(1), mk(NEW_TOKENS + 1));
-        let run = |c: &SamplingConfig| -> Res<()> {
-            let out = model.generate(&refs, g, c, &mut StdRng::seed_from_u64(1))?;
-            assert!(out.iter().all(|o| o.len() == c.max_new_tokens));
-            Ok(())
-        };
-        run(&c1)?; // warm-up
-        let reps_here = if rows > 8 {
-            reps.saturating_sub(1).max(1)
+        // bf16 decode weights apply to steps of at most 16 rows (`DecodePrecision::Bf16`).
+        let precisions: &[DecodePrecision] = if rows <= 16 {
+            &[DecodePrecision::F32, DecodePrecision::Bf16]
         } else {
-            reps
+            &[DecodePrecision::F32]
         };
-        let t1 = best(reps_here + 1, || run(&c1))?;
-        let t33 = best(reps_here, || run(&c33))?;
-        let step = (t33 - t1) / NEW_TOKENS as f64;
-        // Step s (1..=32) attends over width + s cached columns.
-        let avg_ctx = width as f64 + (NEW_TOKENS as f64 + 1.0) / 2.0;
-        let kv_bytes = 2.0 * (l * rows * nkv * hd) as f64 * avg_ctx * dsize as f64;
-        let bytes = (weight_elems * dsize) as f64 + kv_bytes;
-        let gbs = bytes / step / 1e9;
-        // FLOPs of the step: every projection and the LM head per row, QKᵀ and PV over the context.
-        let per_tok = 2.0 * ((weight_elems - cfg.vocab_size * cfg.hidden_size) as f64)
-            + 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64
-            + l as f64 * cfg.num_attention_heads as f64 * 4.0 * hd as f64 * avg_ctx;
-        let flops = rows as f64 * per_tok;
-        let floors = match mach {
-            Some(mm) => {
-                let (mem, comp) = (bytes / (mm.read_gbs * 1e9), flops / (mm.gemm_gflops * 1e9));
-                format!(
-                    "{:.1} | {:.1} ({}) | {:.0}%",
-                    comp * 1e3,
-                    mem.max(comp) * 1e3,
-                    if mem >= comp { "memory" } else { "compute" },
-                    100.0 * mem.max(comp) / step
-                )
-            }
-            None => "– | – | –".into(),
-        };
-        let (lim, ratio, met) = match mach {
-            Some(mm) => {
-                let r = gbs / mm.read_gbs;
-                (
-                    format!("{:.1}", mm.read_gbs),
-                    format!("**{:.0}%**", 100.0 * r),
-                    if r >= 0.7 { "met" } else { "**not met**" },
-                )
-            }
-            None => ("–".into(), "– (run `machine` too)".into(), "–"),
-        };
-        println!(
-            "| {rows} ({p} × {g}) | {width} | {avg_ctx:.1} | {:.1} | {:.1} ({:.1} + {:.1}) | {gbs:.1} | {lim} | {ratio} | {met} | {:.1} | {floors} | {} |",
+        for &prec in precisions {
+            // The projections and the LM head are read in bf16 under `Bf16` (the norms' few
+            // weights stay f32: counted as bf16, a 0.03% error); the KV cache stays f32.
+            let wsize = if prec == DecodePrecision::Bf16 {
+                2
+            } else {
+                dsize
+            };
+            let mk = |n| SamplingConfig {
+                max_new_tokens: n,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                stop_tokens: Some(Vec::new()),
+                decode_weights: prec,
+                ..Default::default()
+            };
+            let (c1, c33) = (mk(1), mk(NEW_TOKENS + 1));
+            let run = |c: &SamplingConfig| -> Res<()> {
+                let out = model.generate(&refs, g, c, &mut StdRng::seed_from_u64(1))?;
+                assert!(out.iter().all(|o| o.len() == c.max_new_tokens));
+                Ok(())
+            };
+            run(&c1)?; // warm-up
+            let reps_here = if rows > 8 {
+                reps.saturating_sub(1).max(1)
+            } else {
+                reps
+            };
+            let t1 = best(reps_here + 1, || run(&c1))?;
+            let t33 = best(reps_here, || run(&c33))?;
+            let step = (t33 - t1) / NEW_TOKENS as f64;
+            // Step s (1..=32) attends over width + s cached columns.
+            let avg_ctx = width as f64 + (NEW_TOKENS as f64 + 1.0) / 2.0;
+            let kv_bytes = 2.0 * (l * rows * nkv * hd) as f64 * avg_ctx * dsize as f64;
+            let bytes = (weight_elems * wsize) as f64 + kv_bytes;
+            let gbs = bytes / step / 1e9;
+            // FLOPs of the step: every projection and the LM head per row, QKᵀ and PV over the context.
+            let per_tok = 2.0 * ((weight_elems - cfg.vocab_size * cfg.hidden_size) as f64)
+                + 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64
+                + l as f64 * cfg.num_attention_heads as f64 * 4.0 * hd as f64 * avg_ctx;
+            let flops = rows as f64 * per_tok;
+            let floors = match mach {
+                Some(mm) => {
+                    let (mem, comp) = (bytes / (mm.read_gbs * 1e9), flops / (mm.gemm_gflops * 1e9));
+                    format!(
+                        "{:.1} | {:.1} ({}) | {:.0}%",
+                        comp * 1e3,
+                        mem.max(comp) * 1e3,
+                        if mem >= comp { "memory" } else { "compute" },
+                        100.0 * mem.max(comp) / step
+                    )
+                }
+                None => "– | – | –".into(),
+            };
+            let (lim, ratio, met) = match mach {
+                Some(mm) => {
+                    let r = gbs / mm.read_gbs;
+                    (
+                        format!("{:.1}", mm.read_gbs),
+                        format!("**{:.0}%**", 100.0 * r),
+                        if r >= 0.7 { "met" } else { "**not met**" },
+                    )
+                }
+                None => ("–".into(), "– (run `machine` too)".into(), "–"),
+            };
+            println!(
+            "| {rows} ({p} × {g}){} | {width} | {avg_ctx:.1} | {:.1} | {:.1} ({:.1} + {:.1}) | {gbs:.1} | {lim} | {ratio} | {met} | {:.1} | {floors} | {} |",
+            if prec == DecodePrecision::Bf16 { ", bf16 decode weights" } else { "" },
             step * 1e3,
             bytes / 1e6,
-            (weight_elems * dsize) as f64 / 1e6,
+            (weight_elems * wsize) as f64 / 1e6,
             kv_bytes / 1e6,
             flops / 1e9,
             load_avg()
         );
-        profiles.push((rows, width + NEW_TOKENS / 2 + 1, step));
+            if prec == DecodePrecision::F32 {
+                profiles.push((rows, width + NEW_TOKENS / 2 + 1, step));
+            }
+        }
     }
     println!();
     for (rows, ctx, step) in profiles.into_iter().filter(|_| profile_on()) {

@@ -26,11 +26,11 @@
 //! finished rows in the batch until every row is done; pgrpo drops them: compare seconds per
 //! generated token as well as per step.
 //!
-//! `PGRPO_TRL_DECODE=bf16` turns on pgrpo's bf16 decode weights
-//! ([`DecodePrecision::Bf16`](pgrpo::lm::DecodePrecision): decode steps of at most 16 rows
-//! read the weight matrices in bf16; logits, sampling and the update stay f32; with one
-//! update per generation no old log-probs are needed); default f32. Run the bench once with
-//! and once without it to show the whole step with the lever on and off.
+//! pgrpo runs twice per round: as it is by default (`f32` throughout) and with bf16 decode
+//! weights ([`DecodePrecision::Bf16`](pgrpo::lm::DecodePrecision): decode steps of at most 16
+//! rows read the weight matrices in bf16; prefill, logits, sampling and the update stay `f32`;
+//! with one update per generation no old log-probs are needed), the row "pgrpo, bf16 decode"
+//! with a ratio column of its own; `PGRPO_TRL_BF16=0` leaves that side out.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +45,9 @@ use serde_json::{json, Value};
 mod proc;
 use proc::{load_avg, peak_rss_mb};
 
+/// pgrpo with bf16 decode weights (`SamplingConfig::decode_weights`), a side of its own;
+/// `PGRPO_TRL_BF16=0` leaves it out.
+const BF16: &str = "pgrpo, bf16 decode";
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const QUESTIONS: [&str; 8] = [
     "Describe your ideal weekend.",
@@ -205,21 +208,30 @@ fn main() -> pgrpo::Result<()> {
     let settings = std::env::var("PGRPO_TRL_SETTINGS").unwrap_or_else(|_| "2x4,8x8".into());
     let me = std::env::current_exe().expect("own path");
     println!(
-        "| prompts × G | side | step s | sampling s | update s | tokens per completion | ms per generated token | peak RSS MiB | step pgrpo / side | load |"
+        "| prompts × G | side | step s | sampling s | update s | tokens per completion | ms per generated token | peak RSS MiB | step pgrpo / side | step pgrpo bf16 decode / side | load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for setting in settings.split(',') {
         let (p, g) = setting.split_once('x').expect("settings look like 2x4,8x8");
         let (p, g): (usize, usize) = (p.parse().expect("prompts"), g.parse().expect("G"));
         let mut sides: Vec<(&str, Vec<Run>)> = vec![
             ("pgrpo", vec![]),
+            (BF16, vec![]),
             ("TRL", vec![]),
             ("TRL, no grad. ckpt", vec![]),
         ];
+        if std::env::var("PGRPO_TRL_BF16").as_deref() == Ok("0") {
+            sides.retain(|(name, _)| *name != BF16);
+        }
         for _ in 0..rounds {
             for (name, runs) in sides.iter_mut() {
-                let mut cmd = if *name == "pgrpo" {
+                let mut cmd = if name.starts_with("pgrpo") {
                     let mut c = Command::new(&me);
+                    if *name == BF16 {
+                        c.env("PGRPO_TRL_DECODE", "bf16");
+                    } else {
+                        c.env_remove("PGRPO_TRL_DECODE");
+                    }
                     c.arg("--child")
                         .arg(&hf)
                         .arg(p.to_string())
@@ -248,20 +260,39 @@ fn main() -> pgrpo::Result<()> {
         }
         sides.sort_by_key(|(name, _)| match *name {
             "pgrpo" => 0,
-            "TRL" => 1,
-            _ => 2,
+            BF16 => 1,
+            "TRL" => 2,
+            _ => 3,
         });
-        let ours = median(sides[0].1.iter().map(|r| r.total).collect());
+        let step_of = |side: &str| {
+            sides
+                .iter()
+                .find(|(name, runs)| *name == side && !runs.is_empty())
+                .map(|(_, runs)| median(runs.iter().map(|r| r.total).collect()))
+        };
+        let (ours, ours_bf16) = (step_of("pgrpo"), step_of(BF16));
         for (name, runs) in &sides {
             let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
             let (total, length) = (m(|r| r.total), m(|r| r.length));
             let per_token = 1e3 * m(|r| r.sample) / (length * (p * g) as f64);
+            if runs.is_empty() {
+                println!(
+                    "| {p} × {g} | {name} | failed | | | | | | | | {} |",
+                    load_avg()
+                );
+                continue;
+            }
+            let ratio = |a: Option<f64>| match a {
+                Some(a) if !name.starts_with("pgrpo") => format!("**{:.2}×**", a / total),
+                _ => "–".to_owned(),
+            };
             println!(
-                "| {p} × {g} | {name} | {total:.2} | {:.2} | {:.2} | {length:.1} | {per_token:.1} | {:.0} | {} | {} |",
+                "| {p} × {g} | {name} | {total:.2} | {:.2} | {:.2} | {length:.1} | {per_token:.1} | {:.0} | {} | {} | {} |",
                 m(|r| r.sample),
                 m(|r| r.update),
                 m(|r| r.rss),
-                if *name == "pgrpo" { "–".to_owned() } else { format!("**{:.2}×**", ours / total) },
+                ratio(ours),
+                ratio(ours_bf16),
                 load_avg()
             );
         }
