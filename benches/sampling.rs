@@ -2,17 +2,23 @@
 //! fused kernels against candle's stock no-grad kernels, in generated tokens per second.
 //!
 //! `cargo bench --bench sampling` (about half a minute). The comparison with PyTorch is
-//! `cargo bench --bench vs_pytorch -- sample`.
+//! `cargo bench --bench vs_pytorch -- sample`. On a GPU: `PGRPO_BENCH_DEVICE=cuda` with
+//! `--features cuda` (group `generate_greedy_f32_cuda`; off the CPU both kernel sets run
+//! candle's own ops, see `pgrpo::ops`).
 
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pgrpo::lm::{Kernels, Llama, LlamaConfig, SamplingConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/device.rs"]
+mod device;
+
 fn sampling(c: &mut Criterion) {
+    let dev = device::bench_device();
     let cfg = LlamaConfig {
         hidden_size: 256,
         intermediate_size: 688,
@@ -34,22 +40,19 @@ fn sampling(c: &mut Criterion) {
         stop_tokens: Some(vec![]),
         ..Default::default()
     };
-    let mut group = c.benchmark_group("generate_greedy_f32");
+    let mut group = c.benchmark_group(device::group_name("generate_greedy_f32", &dev));
     group.throughput(Throughput::Elements(8 * 32));
     for kernels in [Kernels::Fused, Kernels::Reference] {
-        let model = Llama::new(
-            cfg.clone(),
-            &mut StdRng::seed_from_u64(0),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .expect("model")
-        .with_kernels(kernels);
+        let model = Llama::new(cfg.clone(), &mut StdRng::seed_from_u64(0), &dev, DType::F32)
+            .expect("model")
+            .with_kernels(kernels);
         group.bench_function(BenchmarkId::new(format!("{kernels:?}"), "10M"), |b| {
             b.iter(|| {
-                model
+                let out = model
                     .generate(&p, 1, &sampling, &mut StdRng::seed_from_u64(0))
-                    .expect("generate")
+                    .expect("generate");
+                dev.synchronize().expect("synchronize");
+                out
             })
         });
     }
