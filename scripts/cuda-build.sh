@@ -24,6 +24,7 @@
 #                        when its pinned wheel set is already installed
 #   PGRPO_CUDA_HOME      use this CUDA toolkit (bin/nvcc, lib64 or lib) instead of the wheels
 #   PGRPO_CUDA_FEATURES  cargo features (default `cuda`; `nccl` adds the NCCL wheel)
+#   PGRPO_CUDA_TARGETS   cargo's target selection (default `--all-targets`)
 #   CUDA_COMPUTE_CAP     the GPU architecture candle's kernels are built for (default 90:
 #                        H100/H200)
 #   CARGO_TARGET_DIR     default target/cuda
@@ -43,6 +44,7 @@ esac
 log() { printf '[cuda-build %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 features="${PGRPO_CUDA_FEATURES:-cuda}"
+read -r -a targets <<< "${PGRPO_CUDA_TARGETS:---all-targets}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/cuda}"
 
@@ -134,8 +136,8 @@ if [ "$mode" = env ]; then
 fi
 
 log "$(nvcc --version | tail -2 | head -1)"
-log "cargo build --release --locked --features $features --all-targets (target dir $CARGO_TARGET_DIR, sm_$CUDA_COMPUTE_CAP)"
-cargo build --release --locked --features "$features" --all-targets
+log "cargo build --release --locked --features $features ${targets[*]} (target dir $CARGO_TARGET_DIR, sm_$CUDA_COMPUTE_CAP)"
+cargo build --release --locked --features "$features" "${targets[@]}"
 
 # What the build proves, checked rather than assumed: candle's kernels are real PTX for the
 # requested architecture, and the binaries need the CUDA libraries.
@@ -150,7 +152,9 @@ bins=$(find "$CARGO_TARGET_DIR/release/deps" "$CARGO_TARGET_DIR/release/examples
 # NVRTC are on cudarc's link line, but no binary of this crate uses them (they are counted, not
 # required); each of the other four must be needed by at least one binary.
 summary=""
-for lib in libcuda.so libcublas.so libcurand.so libcudart.so libcublasLt.so libnvrtc.so; do
+libs="libcuda.so libcublas.so libcurand.so libcudart.so libcublasLt.so libnvrtc.so"
+case ",$features," in *,nccl,*) libs="$libs libnccl.so" ;; esac
+for lib in $libs; do
   count=0
   for b in $bins; do
     readelf -d "$b" | grep -q "NEEDED.*\[$lib\." && count=$((count + 1))
@@ -161,4 +165,4 @@ for lib in libcuda.so libcublas.so libcurand.so libcudart.so libcublasLt.so libn
   esac
   summary="$summary $lib:$count"
 done
-log "built and linked $(echo "$bins" | wc -l) binaries (tests, benches, examples); binaries needing each library:$summary"
+log "built and linked $(echo "$bins" | wc -l) binaries (${targets[*]}); binaries needing each library:$summary"

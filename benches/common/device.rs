@@ -22,7 +22,7 @@ pub fn bench_device() -> Device {
 
 fn open_cuda(ordinal: usize) -> Device {
     Device::new_cuda(ordinal).unwrap_or_else(|e| {
-        panic!("PGRPO_BENCH_DEVICE: CUDA device {ordinal} (needs --features cuda): {e}")
+        panic!("PGRPO_BENCH_DEVICE: CUDA device {ordinal} did not open (a --features cuda build and a GPU are needed): {e}")
     })
 }
 
