@@ -2,7 +2,9 @@
 //! fused kernels against candle's stock no-grad kernels, in generated tokens per second.
 //!
 //! `cargo bench --bench sampling` (about half a minute). The comparison with PyTorch is
-//! `cargo bench --bench vs_pytorch -- sample`.
+//! `cargo bench --bench vs_pytorch -- sample`. On a GPU: `PGRPO_BENCH_DEVICE=cuda` with
+//! `--features cuda` (group `generate_greedy_f32_cuda`; off the CPU both kernel sets run
+//! candle's own ops, see `pgrpo::ops`).
 //!
 //! `PGRPO_SAMPLING=smollm2 cargo bench --bench sampling` instead decodes with SmolLM2-135M
 //! (`models/SmolLM2-135M-Instruct.Q4_1.gguf`, dequantised to f32; `scripts/fetch-smollm2.sh`)
@@ -23,12 +25,19 @@ use pgrpo::lm::{DecodePrecision, Kernels, Llama, LlamaConfig, LmPolicy, Sampling
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "common/device.rs"]
+mod device;
+
 fn sampling(c: &mut Criterion) {
+    let dev = device::bench_device();
     let cfg = LlamaConfig {
         hidden_size: 256,
         intermediate_size: 688,
         num_hidden_layers: 10,
         num_attention_heads: 4,
+        // The 10M shape of benches/train_step.rs: 4 K/V heads (the default, 3, divides only
+        // SmolLM2's 9 query heads and fails the config check).
+        num_key_value_heads: Some(4),
         vocab_size: 8192,
         tie_word_embeddings: true,
         eos_token_id: None,
@@ -45,22 +54,19 @@ fn sampling(c: &mut Criterion) {
         stop_tokens: Some(vec![]),
         ..Default::default()
     };
-    let mut group = c.benchmark_group("generate_greedy_f32");
+    let mut group = c.benchmark_group(device::group_name("generate_greedy_f32", &dev));
     group.throughput(Throughput::Elements(8 * 32));
     for kernels in [Kernels::Fused, Kernels::Reference] {
-        let model = Llama::new(
-            cfg.clone(),
-            &mut StdRng::seed_from_u64(0),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .expect("model")
-        .with_kernels(kernels);
+        let model = Llama::new(cfg.clone(), &mut StdRng::seed_from_u64(0), &dev, DType::F32)
+            .expect("model")
+            .with_kernels(kernels);
         group.bench_function(BenchmarkId::new(format!("{kernels:?}"), "10M"), |b| {
             b.iter(|| {
-                model
+                let out = model
                     .generate(&p, 1, &sampling, &mut StdRng::seed_from_u64(0))
-                    .expect("generate")
+                    .expect("generate");
+                dev.synchronize().expect("synchronize");
+                out
             })
         });
     }

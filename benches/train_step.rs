@@ -2,17 +2,22 @@
 //! 32 sequences × 48 tokens, `f32`, with each kernel set ([`Kernels`]).
 //!
 //! `cargo bench --bench train_step` (about a minute). The comparison with PyTorch is
-//! `cargo bench --bench vs_pytorch -- step`.
+//! `cargo bench --bench vs_pytorch -- step`. On a GPU: `PGRPO_BENCH_DEVICE=cuda` with
+//! `--features cuda` (group `train_step_f32_cuda`; off the CPU every kernel set runs candle's
+//! own ops, see `pgrpo::ops`).
 
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use candle_nn::Optimizer;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pgrpo::lm::{Grad, Kernels, Llama, LlamaConfig};
 use pgrpo::optim::{clip_grad_norm, AdamW, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "common/device.rs"]
+mod device;
 
 const BATCH: usize = 32;
 const SEQ: usize = 48;
@@ -36,7 +41,8 @@ fn shapes() -> [(&'static str, LlamaConfig); 2] {
 }
 
 fn train_step(c: &mut Criterion) {
-    let mut group = c.benchmark_group("train_step_f32");
+    let dev = device::bench_device();
+    let mut group = c.benchmark_group(device::group_name("train_step_f32", &dev));
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
     for (name, cfg) in shapes() {
         let mut rng = StdRng::seed_from_u64(0);
@@ -47,14 +53,9 @@ fn train_step(c: &mut Criterion) {
         let prompts: Vec<&[u32]> = seqs.iter().map(|s| &s[..1]).collect();
         let completions: Vec<&[u32]> = seqs.iter().map(|s| &s[1..]).collect();
         for kernels in [Kernels::Fused, Kernels::FusedOps, Kernels::Reference] {
-            let model = Llama::new(
-                cfg.clone(),
-                &mut StdRng::seed_from_u64(1),
-                &Device::Cpu,
-                DType::F32,
-            )
-            .expect("model")
-            .with_kernels(kernels);
+            let model = Llama::new(cfg.clone(), &mut StdRng::seed_from_u64(1), &dev, DType::F32)
+                .expect("model")
+                .with_kernels(kernels);
             let vars = model.vars();
             let mut opt =
                 <AdamW as Optimizer>::new(vars.clone(), ParamsAdamW::default()).expect("adamw");
@@ -69,6 +70,8 @@ fn train_step(c: &mut Criterion) {
                     let mut grads = loss.backward().expect("backward");
                     clip_grad_norm(&vars, &mut grads, 1.0).expect("clip");
                     opt.step(&grads).expect("step");
+                    // A GPU queues its kernels: time the step to its end (a no-op on the CPU).
+                    dev.synchronize().expect("synchronize");
                 })
             });
         }
