@@ -787,7 +787,7 @@ fn bench_advantage(root: &Path) {
         let dir = root.join(format!("advantage-{groups}"));
         write_config(
             &dir,
-            json!({"n": 1 << 20, "g": 8, "groups": groups, "steps": 20, "eps": 1e-4, "threads": threads()}),
+            json!({"n": 1 << 20, "g": 8, "groups": groups, "steps": 100, "eps": 1e-4, "threads": threads()}),
         );
         // The mirror reads the rewards and the warm history from a file.
         let (r, _, gid) = fake_rewards(1 << 20, 8, groups);

@@ -56,14 +56,16 @@ impl AdvantageConfig {
         }
         // Every group's normaliser must be its history's, chosen before the batch is read
         // (under `BeforeBatch`, a usable history never looks at the batch).
-        let mut scales = Vec::with_capacity(k);
-        for m in history.moments_of(batch.group_keys) {
-            let s = p_grpo_scale(self, m?, RunningMoments::default)?;
-            if !s.from_history {
-                return None;
-            }
-            scales.push(s.scale);
-        }
+        // Per-group work is independent and index-aligned: split over the cores (the output
+        // keeps its order, so the result does not depend on the threads).
+        let scales: Vec<_> = history
+            .moments_of(batch.group_keys)
+            .into_par_iter()
+            .map(|m| {
+                let s = p_grpo_scale(self, m?, RunningMoments::default)?;
+                s.from_history.then_some(s.scale)
+            })
+            .collect::<Option<Vec<_>>>()?;
         // (history mean, 1 / denominator) per group.
         let norm: Vec<(f64, f64)> = scales.iter().map(|s| (s.mean, 1.0 / s.den)).collect();
         let n = batch.rewards.len();
@@ -116,20 +118,22 @@ impl AdvantageConfig {
             zero += run.zero_spread() as usize;
         }
         let deltas: Vec<GroupDelta> = sums
-            .iter()
+            .par_iter()
             .map(|a| GroupDelta::cumulative(a.count, a.shift, a.s1, a.s2))
             .collect();
+        let moments: Vec<RunningMoments> = deltas.par_iter().map(GroupDelta::moments).collect();
         // The batch's moments, each group's mean reward and mean advantage from the group
         // sums (the general path sums rows: the same up to rounding).
         let mut batch_m = RunningMoments::default();
-        for d in &deltas {
-            batch_m.append(&d.moments(), 1.0);
+        for m in &moments {
+            batch_m.append(m, 1.0);
         }
         let groups = (0..k)
+            .into_par_iter()
             .map(|g| {
                 let c = deltas[g].count as usize;
                 let (mean, inv) = norm[g];
-                let m = deltas[g].moments();
+                let m = &moments[g];
                 let history = (c > 0).then_some(scales[g]);
                 GroupDiagnostics::new(c, m.mean, (m.mean - mean) * inv, history, self.eps)
             })

@@ -31,6 +31,7 @@
 
 use std::collections::VecDeque;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{bail_config, Error, Result};
@@ -344,6 +345,20 @@ impl RewardHistory {
     /// advantage kernel builds the deltas in the same pass as the advantages.
     pub(crate) fn fold_deltas(&mut self, keys: &[GroupKey], deltas: Vec<GroupDelta>) {
         let (kind, decay) = (self.kind, self.decay);
+        if self.groups.stored_in_order(keys) {
+            // Every key stored, in the store's order (a trainer's batch after its first
+            // step): each group's fold is independent, split over the cores.
+            self.groups
+                .states_mut()
+                .par_iter_mut()
+                .zip(deltas)
+                .for_each(|(state, delta)| {
+                    if delta.count > 0 {
+                        state.append_delta(kind, decay, delta);
+                    }
+                });
+            return;
+        }
         let mut new = Vec::new();
         for ((key, delta), at) in keys.iter().zip(deltas).zip(self.groups.positions(keys)) {
             if delta.count == 0 {

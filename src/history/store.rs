@@ -47,6 +47,15 @@ impl Groups {
         &mut self.states[i]
     }
 
+    /// Whether `keys` are exactly the stored keys, in order.
+    pub(super) fn stored_in_order(&self, keys: &[GroupKey]) -> bool {
+        self.keys.as_slice() == keys
+    }
+
+    pub(super) fn states_mut(&mut self) -> &mut [GroupState] {
+        &mut self.states
+    }
+
     /// Where each of `keys` is stored (`None`: not stored). Strictly increasing keys are
     /// found in one walk beside the stored ones; any other order by a binary search each.
     pub(super) fn positions(&self, keys: &[GroupKey]) -> Vec<Option<usize>> {
