@@ -61,6 +61,8 @@ for b in "${want[@]}"; do
     python3 - "$b" "$out/$b.block" <<'PY' || failed=1
 import sys, re, pathlib
 name, block = sys.argv[1], pathlib.Path(sys.argv[2]).read_text().strip()
+# The benches print their own headings (`#`, `##`): nest them under the page's section.
+block = "\n".join("##" + l if l.startswith("#") else l for l in block.splitlines())
 doc = pathlib.Path("BENCHMARKS.md")
 text = doc.read_text()
 begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
