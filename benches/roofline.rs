@@ -51,17 +51,9 @@ use rayon::prelude::*;
 mod proc;
 use proc::load_avg;
 
-const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const QUESTIONS: [&str; 8] = [
-    "Describe your ideal weekend.",
-    "What should I cook tonight?",
-    "Recommend a book for a long train ride.",
-    "How do I start running?",
-    "Give me an idea for a birthday present.",
-    "What is a good houseplant for a dark room?",
-    "How can I sleep better?",
-    "Suggest a board game for four people.",
-];
+#[path = "common/smollm2.rs"]
+mod smollm2;
+use smollm2::{GGUF, QUESTIONS};
 /// (prompts, G) of the vs_trl settings, or those of `PGRPO_ROOF_SETTINGS` (e.g. `2x4`).
 fn settings() -> Vec<(usize, usize)> {
     let s = std::env::var("PGRPO_ROOF_SETTINGS").unwrap_or_else(|_| "2x4,8x8".into());

@@ -86,17 +86,9 @@ criterion_group! {
     targets = sampling
 }
 
-const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const QUESTIONS: [&str; 8] = [
-    "Describe your ideal weekend.",
-    "What should I cook tonight?",
-    "Recommend a book for a long train ride.",
-    "How do I start running?",
-    "Give me an idea for a birthday present.",
-    "What is a good houseplant for a dark room?",
-    "How can I sleep better?",
-    "Suggest a board game for four people.",
-];
+#[path = "common/smollm2.rs"]
+mod smollm2;
+use smollm2::{GGUF, QUESTIONS};
 
 fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg")

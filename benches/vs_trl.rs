@@ -48,17 +48,9 @@ use proc::{load_avg, peak_rss_mb};
 /// pgrpo with bf16 decode weights (`SamplingConfig::decode_weights`), a side of its own;
 /// `PGRPO_TRL_BF16=0` leaves it out.
 const BF16: &str = "pgrpo, bf16 decode";
-const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const QUESTIONS: [&str; 8] = [
-    "Describe your ideal weekend.",
-    "What should I cook tonight?",
-    "Recommend a book for a long train ride.",
-    "How do I start running?",
-    "Give me an idea for a birthday present.",
-    "What is a good houseplant for a dark room?",
-    "How can I sleep better?",
-    "Suggest a board game for four people.",
-];
+#[path = "common/smollm2.rs"]
+mod smollm2;
+use smollm2::{GGUF, QUESTIONS};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

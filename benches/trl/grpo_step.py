@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+# The same list as benches/common/smollm2.rs (pgrpo's side): change both.
 QUESTIONS = [
     "Describe your ideal weekend.",
     "What should I cook tonight?",

@@ -277,7 +277,7 @@ impl RewardHistory {
 
     /// Iterates over the group keys in order.
     pub fn groups(&self) -> impl Iterator<Item = &GroupKey> + '_ {
-        self.groups.keys()
+        self.groups.keys().iter()
     }
 
     /// Folds `rewards` (in order) into `group`'s statistics.
@@ -465,9 +465,9 @@ impl RewardHistory {
                 other.window.iter().copied(),
             );
         };
-        let keys: Vec<GroupKey> = later.groups.keys().cloned().collect();
         let mut new = Vec::new();
-        for ((key, other), at) in later.groups.iter().zip(self.groups.positions(&keys)) {
+        let at = self.groups.positions(later.groups.keys());
+        for ((key, other), at) in later.groups.iter().zip(at) {
             match at {
                 Some(i) => fold(self.groups.state_mut(i), other),
                 None => new.push((key.clone(), other)),

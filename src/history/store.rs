@@ -35,8 +35,9 @@ impl Groups {
         self.keys.iter().zip(&self.states)
     }
 
-    pub(super) fn keys(&self) -> impl Iterator<Item = &GroupKey> + '_ {
-        self.keys.iter()
+    /// The stored keys, in increasing order.
+    pub(super) fn keys(&self) -> &[GroupKey] {
+        &self.keys
     }
 
     pub(super) fn state(&self, i: usize) -> &GroupState {
